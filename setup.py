@@ -1,0 +1,38 @@
+"""medalign: align medical images (chest X-rays, brain MRI volumes) with text."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="medalign",
+    version="0.1.0",
+    description="Image-text alignment trainer for chest X-rays and brain MRI volumes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["shards", "shards.*", "models", "models.*", "trainer", "trainer.*"]),
+    py_modules=["train"],
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "accelerate>=1.0",
+        "transformers>=5.0",
+        "peft>=0.13",
+        "bitsandbytes>=0.45",
+        "webdataset>=0.2.86",
+        "nibabel>=5.0",
+        "datasets>=3.0",
+        "numpy",
+        "torchmetrics>=1.4",
+        "tensorboard",
+        "matplotlib",
+        "tqdm",
+        "pyyaml",
+        "safetensors",
+        "tokenizers",
+    ],
+    extras_require={
+        # nilearn ships the MNI152 template used by the synthetic cohort; install it with
+        # `pip install --no-deps nilearn` (its own dependencies are not needed to read the file).
+        "dev": ["pytest", "ruff", "scikit-learn"],
+    },
+)
