@@ -1,0 +1,99 @@
+"""Image-text contrastive loss (open_clip semantics, gathered across ranks) and the MLM loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_features(features: Tensor, gather_with_grad: bool, rank: int, world_size: int) -> Tensor:
+    """(b, D) on each rank -> (world_size * b, D), rank-major; every rank must hold b rows.
+
+    With `gather_with_grad` the gather is differentiable: the backward sums, onto each rank's
+    own rows, the gradients that every rank's loss sends them. Without it the gathered copy
+    is a constant except for this rank's own slot, which is the local (graph-attached) tensor.
+    """
+    if gather_with_grad:
+        return torch.cat(dist_fn.all_gather(features), dim=0)
+    gathered = [torch.zeros_like(features) for _ in range(world_size)]
+    dist.all_gather(gathered, features.contiguous())
+    gathered[rank] = features
+    return torch.cat(gathered, dim=0)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE between paired image and text features (CLIP), as open_clip does it.
+
+    forward(image_features (b, D), text_features (b, D), logit_scale) -> scalar loss, where
+    the features are L2-normalised and `logit_scale` is the multiplier exp(learned log scale)
+    ((1,) or scalar). The i-th image and the i-th text are the positive pair; every other
+    text (image) in the batch is a negative. Loss = (CE(image->text) + CE(text->image)) / 2.
+
+    In a single process the batch is the local one. When `torch.distributed` is initialised
+    with world_size > 1, features are all-gathered so the negatives are the global batch
+    (every rank must pass the same b):
+
+    - `local_loss=False`: every rank computes the full (B, B) logits, B = world_size * b,
+      and the same loss as one process on the concatenated batch.
+    - `local_loss=True`: every rank computes only its own b rows against all B columns,
+      (b, B) logits with labels offset by rank * b: O(b * B) instead of O(B^2) memory.
+      Each rank's loss is then its share; their mean equals the full-batch loss.
+    - `gather_with_grad=True` (default): gradients flow through the gather to the rank
+      that produced each feature. With either `local_loss`, the parameter gradients averaged
+      across ranks (what DDP / ZeRO do) equal the single-process full-batch gradient.
+    - `gather_with_grad=False`: other ranks' features are constants; only this rank's slot
+      carries gradient. With `local_loss=False` the averaged gradient of the towers is
+      exactly 1 / world_size of the full-batch one (logit_scale's is the full one); with
+      `local_loss=True` cross-rank terms are missing. Cheaper backward, open_clip's
+      default, but not the full-batch gradient.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def logits(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """logits_per_image, logits_per_text (rows, columns) and the target column per row."""
+        rank, world = _rank_and_world()
+        if world > 1:
+            all_image = gather_features(image_features, self.gather_with_grad, rank, world)
+            all_text = gather_features(text_features, self.gather_with_grad, rank, world)
+        else:
+            all_image, all_text = image_features, text_features
+        if self.local_loss:
+            per_image = logit_scale * image_features @ all_text.T  # (b, B)
+            per_text = logit_scale * text_features @ all_image.T  # (b, B)
+            offset = rank * image_features.shape[0]
+        else:
+            per_image = logit_scale * all_image @ all_text.T  # (B, B)
+            per_text = per_image.T
+            offset = 0
+        labels = torch.arange(per_image.shape[0], device=per_image.device) + offset
+        return per_image, per_text, labels
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+        per_image, per_text, labels = self.logits(image_features, text_features, logit_scale)
+        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy over the masked positions: logits (B, L, V), labels (B, L), -100 = ignore.
+
+    Mean over the positions with a label; a batch without any gives 0 (not NaN).
+    """
+    total = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return total / (labels != -100).sum().clamp_min(1)
