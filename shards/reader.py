@@ -84,7 +84,9 @@ class ShardSet:
                 f"{path}: no shard manifest; write shards first (scripts/make_ad_shards.py)"
             )
         manifest = json.loads(path.read_text())
-        shards = [(str(Path(folder) / s["name"]), int(s["num_samples"])) for s in manifest["shards"]]
+        shards = [
+            (str(Path(folder) / s["name"]), int(s["num_samples"])) for s in manifest["shards"]
+        ]
         missing = [p for p, _ in shards if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{path} lists shards that do not exist: {missing[:3]}")
@@ -234,7 +236,9 @@ class TrainStream(IterableDataset):
         names = [path for path, _ in self.shards.shards]
         epoch = 0
         while True:
-            rng = random.Random(f"shards-{self.seed}-{epoch}")  # str seeds are stable across processes
+            rng = random.Random(
+                f"shards-{self.seed}-{epoch}"
+            )  # str seeds are stable across processes
             if self.cfg.resampled:
                 draw = random.Random(f"draw-{self.seed}-{epoch}-{self.rank}-{worker}")
                 per_worker = max(1, len(names) // (self.world_size * num_workers))
@@ -248,9 +252,7 @@ class TrainStream(IterableDataset):
     def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         for epoch, urls in enumerate(self._urls(worker, num_workers)):
             rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{worker}")
-            yield from _seeded_shuffle(
-                _read_tars(urls, self.counter), self.cfg.shuffle_buffer, rng
-            )
+            yield from _seeded_shuffle(_read_tars(urls, self.counter), self.cfg.shuffle_buffer, rng)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader_worker, num_workers = self._worker()
@@ -321,6 +323,16 @@ class EvalStream(IterableDataset):
             yield out
 
 
+def read_texts(split_dir: str) -> list[str]:
+    """Every text of a split, in shard order (a tokenizer's training corpus)."""
+    texts = []
+    for path, _ in ShardSet.load(split_dir).shards:
+        for raw in _read_tars([path], SkipCounter()):
+            if "txt" in raw:
+                texts.append(raw["txt"].decode("utf-8"))
+    return texts
+
+
 def build_train_loader(
     split_dir: str,
     cfg: DataConfig,
@@ -332,7 +344,9 @@ def build_train_loader(
     start_batch: int = 0,
 ) -> DataLoader:
     """An endless DataLoader over this rank's share of the training split."""
-    stream = TrainStream(ShardSet.load(split_dir), cfg, tokenizer, max_length, rank, world_size, seed)
+    stream = TrainStream(
+        ShardSet.load(split_dir), cfg, tokenizer, max_length, rank, world_size, seed
+    )
     stream.set_start(start_batch)
     return DataLoader(
         stream,

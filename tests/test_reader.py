@@ -32,7 +32,12 @@ def _sample(i: int, size: int = 4) -> dict:
     buf = io.BytesIO()
     np.save(buf, vol)
     meta = {"subject": f"s{i}", "cohort": "ADNI", "label": i % 3, "split": "train"}
-    return {"__key__": f"k{i:05d}", "vol.npy": buf.getvalue(), "txt": f"The MMSE score is {i}.", "json": json.dumps(meta)}
+    return {
+        "__key__": f"k{i:05d}",
+        "vol.npy": buf.getvalue(),
+        "txt": f"The MMSE score is {i}.",
+        "json": json.dumps(meta),
+    }
 
 
 def write_split(folder, n: int, per_shard: int, bad: dict | None = None) -> ShardSet:
@@ -47,7 +52,9 @@ def write_split(folder, n: int, per_shard: int, bad: dict | None = None) -> Shar
                 sink.write((bad or {}).get(i, _sample(i)))
                 i, count = i + 1, count + 1
         shards.append({"name": name, "num_samples": count, "bytes": 0, "sha256": ""})
-    (folder / "manifest.json").write_text(json.dumps({"split": "train", "num_samples": n, "shards": shards}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"split": "train", "num_samples": n, "shards": shards})
+    )
     return ShardSet.load(str(folder))
 
 
@@ -119,7 +126,11 @@ def test_bad_samples_are_counted_and_skipped(tmp_path, caplog):
     assert sorted(_keys(batches)) == sorted(f"k{i:05d}" for i in range(12) if i not in bad)
     assert stream.counter.counts["undecodable"] == 4
     assert batches[-1]["skipped"] == 4
-    assert "empty text" in caplog.text and "non-finite" in caplog.text and "no 'vol.npy'" in caplog.text
+    assert (
+        "empty text" in caplog.text
+        and "non-finite" in caplog.text
+        and "no 'vol.npy'" in caplog.text
+    )
 
 
 def test_truncated_tar_is_skipped_not_fatal(tmp_path):
@@ -145,14 +156,16 @@ def test_eval_stream_pads_ranks_to_equal_batches(tmp_path):
         batches = list(stream)
         assert len(batches) == len(stream) == 2
         per_rank.append(batches)
-    valid = [k for r in per_rank for b in r for k, v in zip(b["key"], b["valid"]) if v]
+    valid = [k for r in per_rank for b in r for k, v in zip(b["key"], b["valid"], strict=True) if v]
     assert sorted(valid) == [f"k{i:05d}" for i in range(7)]
     assert sum(int((~b["valid"]).sum()) for r in per_rank for b in r) == 1
 
 
 def test_too_few_shards_for_ranks_and_workers(tmp_path):
     shards = write_split(tmp_path / "train", n=6, per_shard=3)
-    with pytest.raises(ValueError, match="2 shards cannot be split over 2 ranks x 2 loader workers"):
+    with pytest.raises(
+        ValueError, match="2 shards cannot be split over 2 ranks x 2 loader workers"
+    ):
         TrainStream(shards, DataConfig(num_workers=2), WordTokenizer(), 16, rank=0, world_size=2)
 
 
@@ -162,7 +175,10 @@ def test_missing_manifest_names_the_folder(tmp_path):
 
 
 def test_binary_label_mode():
-    raw = {k: (v.encode() if isinstance(v, str) and k != "__key__" else v) for k, v in _sample(2).items()}
+    raw = {
+        k: (v.encode() if isinstance(v, str) and k != "__key__" else v)
+        for k, v in _sample(2).items()
+    }
     assert decode_sample(raw, "binary")["label"] == 1
     assert decode_sample(raw, "three_class")["label"] == 2
     raw["json"] = json.dumps({"label": 7}).encode()

@@ -1,0 +1,115 @@
+"""Session fixtures shared by the integration tests: a synthetic AD cohort written to shards
+through the same writer a real dataset uses, and a tiny BERT whose tokenizer is trained on
+those shards' texts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ad_shards(tmp_path_factory) -> Path:
+    from shards.synthetic_ad import generate_ad_cohort
+    from shards.writer import write_ad_shards
+
+    root = tmp_path_factory.mktemp("ad")
+    sources = generate_ad_cohort(
+        root / "raw", subjects_per_cohort=8, shape=(24, 28, 24), seed=0, template="phantom"
+    )
+    write_ad_shards(sources, root / "shards", size=16, samples_per_shard=5, seed=0)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, ad_shards) -> Path:
+    from models.text import make_tiny_bert_checkpoint
+    from shards.reader import read_texts
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    make_tiny_bert_checkpoint(
+        str(out),
+        read_texts(str(ad_shards / "train")),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        vocab_size=600,
+    )
+    return out
+
+
+def tiny_overrides(shards: Path, bert: Path, out: Path, task: str = "pretrain") -> list[str]:
+    """A model small enough for a few CPU steps in seconds."""
+    return [
+        f"data.train={shards / 'train'}",
+        f"data.val={shards / 'val'}",
+        f"data.test={shards / 'test'}",
+        "data.batch_size=4",
+        "data.eval_batch_size=8",
+        "data.shuffle_buffer=16",
+        f"model.task={task}",
+        "model.vision.img_size=16",
+        "model.vision.patch_size=4",
+        "model.vision.embed_dim=32",
+        "model.vision.depth=2",
+        "model.vision.num_heads=2",
+        "model.vision.decoder_embed_dim=32",
+        "model.vision.decoder_depth=1",
+        "model.vision.decoder_num_heads=2",
+        f"model.text.checkpoint={bert}",
+        "model.text.mode=full",
+        "model.text.max_length=48",
+        "model.embed_dim=16",
+        "model.cross_layers_image=1",
+        "model.cross_layers_text=1",
+        "model.fusion_hidden=32",
+        "optim.lr=1e-3",
+        "train.log_every=1",
+        "train.progress=false",
+        f"train.output_dir={out}",
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cmd(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *args]
+
+
+def launch_cmd(*launch_args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        *launch_args,
+        str(REPO / "train.py"),
+    ]

@@ -1,0 +1,68 @@
+"""`accelerate launch` with 2 processes on CPU: DeepSpeed ZeRO-2 (with exact resume), ZeRO-3 and
+DDP, checking the mode that actually ran, not only the exit code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import launch_cmd, run_cmd, tiny_overrides
+from safetensors.torch import load_file
+from test_train import losses
+
+pytestmark = pytest.mark.distributed
+
+
+def _launch(mode: list[str], overrides: list[str], *extra: str):
+    return run_cmd([*launch_cmd("--num_processes", "2", *mode), *overrides, *extra])
+
+
+def test_zero2_two_processes_and_exact_resume(ad_shards, tiny_bert, tmp_path):
+    zero2 = ["--use_deepspeed", "--zero_stage", "2"]
+    first = tmp_path / "first"
+    _launch(
+        zero2,
+        tiny_overrides(ad_shards, tiny_bert, first),
+        "train.max_steps=4",
+        "train.save_every=2",
+    )
+    launch = json.loads((first / "launch.json").read_text())
+    assert launch["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert launch["num_processes"] == 2 and launch["zero_stage"] == 2
+    second = tmp_path / "second"
+    _launch(
+        zero2,
+        tiny_overrides(ad_shards, tiny_bert, second),
+        "train.max_steps=4",
+        "train.save_every=2",
+        "--resume",
+        str(first / "checkpoints" / "step_0000002"),
+    )
+    a, b = losses(first), losses(second)
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_zero3_two_processes_trains_and_exports_full_weights(ad_shards, tiny_bert, tmp_path):
+    _launch(
+        ["--use_deepspeed", "--zero_stage", "3"],
+        tiny_overrides(ad_shards, tiny_bert, tmp_path, task="classify"),
+        "train.max_steps=3",
+        "train.eval_splits=[test]",
+    )
+    launch = json.loads((tmp_path / "launch.json").read_text())
+    assert launch["zero_stage"] == 3 and launch["num_processes"] == 2
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert all(t.numel() > 0 for t in weights.values())  # gathered, not ZeRO-3 placeholders
+    results = json.loads((tmp_path / "results.json").read_text())
+    n_test = json.loads((ad_shards / "test" / "manifest.json").read_text())["num_samples"]
+    assert results["test"]["n"] == n_test
+
+
+def test_ddp_two_processes_on_cpu(ad_shards, tiny_bert, tmp_path):
+    _launch(["--multi_gpu"], tiny_overrides(ad_shards, tiny_bert, tmp_path), "train.max_steps=2")
+    launch = json.loads((tmp_path / "launch.json").read_text())
+    assert launch["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert launch["num_processes"] == 2

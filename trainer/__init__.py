@@ -1,0 +1,1 @@
+"""medalign trainer: config schema, accelerator set-up, loop, checkpoints, evaluation, reports."""

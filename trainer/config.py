@@ -1,0 +1,86 @@
+"""The one config schema: data, model, optim and train sections, each owned by its component.
+
+A preset YAML holds only the values that differ from these defaults; `key.sub=value`
+overrides on the command line come last. The resolved config is saved in the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from models.alifuse import AlifuseConfig
+from shards.reader import DataConfig
+from trainer.optim import OptimConfig
+from trainer.schema import (
+    ConfigError,
+    from_dict,
+    load_yaml,
+    merge,
+    parse_override,
+    set_path,
+    to_dict,
+)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, accumulation, logging, evaluation and checkpoint cadence."""
+
+    output_dir: str = "runs/ad"
+    max_steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables clipping
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    seed: int = 0
+    # Owned here, not by `accelerate launch --mixed_precision`: auto is bf16 where the GPU has it.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    init_from: str = ""  # run folder or .safetensors whose weights start this run (fine-tuning)
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated at the end
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        for name in ("eval_every", "save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip}: expected >= 0")
+        for split in self.eval_splits:
+            if split not in ("val", "test"):
+                raise ValueError(f"eval_splits contains {split!r}: expected 'val' or 'test'")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AlifuseConfig = field(default_factory=AlifuseConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- preset YAML (a diff) <- `key.sub=value` overrides; raises ConfigError."""
+    tree = load_yaml(path) if path else {}
+    diff: dict = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_path(diff, keys, value)
+    return from_dict(Config, merge(tree, diff))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+__all__ = ["Config", "ConfigError", "TrainConfig", "load_config", "save_config"]

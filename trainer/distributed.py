@@ -1,0 +1,115 @@
+"""Accelerator set-up: topology comes from `accelerate launch`, ZeRO settings from the DeepSpeed
+JSON, and every value the trainer config owns is written into the JSON's "auto" slots here.
+
+CPU needs care (see docs/DISTRIBUTED.md): DeepSpeed needs a gloo process group, plain DDP needs
+`Accelerator(cpu=True)`, and `cpu=True` under `--use_deepspeed` would silently give DDP. The
+checks at the end turn those silent failure modes into errors.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from trainer.config import Config
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"  # bf16 on CPU ran slower than fp32 here
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator for this launch; raises if the launch asked for a mode that did not start."""
+    use_deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    on_cpu = not torch.cuda.is_available()
+    precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    if on_cpu and precision == "fp16":
+        raise ValueError("train.mixed_precision='fp16' needs a GPU; use 'no' or 'bf16' on CPU")
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=30))]
+    if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DeepSpeed on CPU needs gloo; naming a backend in a single process would make
+        # accelerate look for a process group that no launcher created.
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))]
+    accelerator = Accelerator(
+        cpu=on_cpu and not use_deepspeed,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fill_deepspeed_auto(accelerator, cfg)
+    check_launch(accelerator, use_deepspeed)
+    return accelerator
+
+
+def fill_deepspeed_auto(accelerator: Accelerator, cfg: Config) -> None:
+    """Writes the trainer-owned values into the DeepSpeed config's "auto" (or missing) slots.
+
+    A value the JSON fixes to something else than the trainer config is an error: one
+    setting, one place.
+    """
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    world = accelerator.num_processes
+    owned = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for key, value in owned.items():
+        current = ds.get(key, "auto")
+        if current == "auto":
+            ds[key] = value
+        elif current != value:
+            raise ValueError(
+                f"DeepSpeed config sets {key}={current!r} but the trainer config gives {value!r}; "
+                f'write "auto" in the JSON so the trainer config owns it'
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(
+                f"DeepSpeed config has an '{key}' section; the trainer owns the optimizer and "
+                f"schedule (optim.*): remove it from the JSON"
+            )
+
+
+def check_launch(accelerator: Accelerator, use_deepspeed: bool) -> None:
+    """Fails loudly where a launch would otherwise train in a different mode than asked."""
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_env > 1 and accelerator.num_processes != world_env:
+        raise RuntimeError(
+            f"launched {world_env} processes but the accelerator sees "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}); the ranks would "
+            f"train independently. On CPU use `accelerate launch --multi_gpu` or `--use_deepspeed`."
+        )
+    if use_deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise RuntimeError(
+            f"--use_deepspeed was given but the run is {accelerator.distributed_type}, not DEEPSPEED"
+        )
+
+
+def describe(accelerator: Accelerator) -> dict:
+    """What actually ran, for the run folder and the logs."""
+    info = {
+        "distributed_type": str(accelerator.distributed_type),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+    }
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        info["zero_stage"] = ds.get("zero_optimization", {}).get("stage")
+    return info

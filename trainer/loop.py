@@ -1,0 +1,272 @@
+"""The training run: build -> (resume) -> steps with periodic eval and checkpoints -> export -> report.
+
+One function per concern, read top to bottom: `run` wires the parts, `train_step` does one
+optimizer step (with accumulation), `evaluate` scores a split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+
+from models.alifuse import build_model
+from shards.reader import LABEL_NAMES, build_eval_loader, build_train_loader
+from trainer import checkpoint as ckpt
+from trainer.config import Config, save_config
+from trainer.distributed import build_accelerator, describe
+from trainer.evaluate import predict, score
+from trainer.metrics_log import MetricLogger
+from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.plots import plot_confusion, plot_losses, plot_roc
+
+log = logging.getLogger("medalign")
+
+
+class Mover:
+    """Moves a batch's tensors to the device; floats follow the model dtype under DeepSpeed bf16."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.device = accelerator.device
+        self.float_dtype = None
+        if (
+            accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.mixed_precision == "bf16"
+        ):
+            self.float_dtype = torch.bfloat16  # the engine casts the model, not the inputs
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in batch.items():
+            if torch.is_tensor(value):
+                value = value.to(self.device, non_blocking=True)
+                if self.float_dtype is not None and value.is_floating_point():
+                    value = value.to(self.float_dtype)
+            out[key] = value
+        return out
+
+
+def train_step(
+    model: torch.nn.Module,
+    batches: list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    grad_clip: float,
+) -> dict[str, float]:
+    """One optimizer step over `len(batches)` micro-batches; returns this rank's mean losses."""
+    totals: dict[str, float] = defaultdict(float)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            out = model(batch)
+            losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+            loss = sum(losses.values())
+            accelerator.backward(loss)
+            # DeepSpeed clips inside its step from the JSON's gradient_clipping (set from ours).
+            if (
+                grad_clip > 0
+                and accelerator.sync_gradients
+                and accelerator.distributed_type != DistributedType.DEEPSPEED
+            ):
+                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for key, value in losses.items():
+            totals[key] += value.detach().float().item() / len(batches)
+        totals["loss"] += loss.detach().float().item() / len(batches)
+        if "logit_scale" in out:
+            totals["logit_scale"] = float(out["logit_scale"])
+    return dict(totals)
+
+
+def reduce_mean(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Averages a dict of floats across ranks (same keys on every rank)."""
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    tensor = accelerator.reduce(tensor, reduction="mean")
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+@torch.no_grad()
+def eval_losses(
+    model, loader, accelerator: Accelerator, move: Mover, seed: int
+) -> dict[str, float]:
+    """Mean pretraining losses on a split; the eval's random masks do not touch the train RNG."""
+    model.eval()
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in loader:
+            out = model(move(batch))
+            for key, value in out.items():
+                if key.endswith("_loss"):
+                    sums[key] += float(value)
+            count += 1
+    model.train()
+    return reduce_mean(accelerator, {k: v / max(count, 1) for k, v in sums.items()})
+
+
+def evaluate(
+    cfg: Config, model, accelerator: Accelerator, move: Mover, tokenizer, split: str, plots: bool
+) -> dict[str, Any]:
+    """Scores one split: classification metrics (classify) or mean losses (pretrain)."""
+    loader = build_eval_loader(
+        getattr(cfg.data, split),
+        cfg.data,
+        tokenizer,
+        cfg.model.text.max_length,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    if cfg.model.task == "pretrain":
+        return eval_losses(model, loader, accelerator, move, cfg.train.seed)
+    pred = predict(model, loader, accelerator, move)
+    names = LABEL_NAMES[cfg.data.label_mode]
+    result = score(pred, cfg.model.num_classes)
+    if plots and accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        plot_roc(pred["logits"], pred["labels"], names, out / f"roc_{split}.png", f"ROC ({split})")
+        plot_confusion(
+            result["confusion"], names, out / f"confusion_{split}.png", f"Confusion ({split})"
+        )
+        with open(out / f"predictions_{split}.jsonl", "w", encoding="utf-8") as fh:
+            for key, cohort, label, logits in zip(
+                pred["keys"],
+                pred["cohorts"],
+                pred["labels"].tolist(),
+                pred["logits"].tolist(),
+                strict=True,
+            ):
+                fh.write(
+                    json.dumps({"key": key, "cohort": cohort, "label": label, "logits": logits})
+                    + "\n"
+                )
+    return result
+
+
+def _flat(prefix: str, result: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of an eval result, prefixed for logging."""
+    return {
+        f"{prefix}/{k}": v
+        for k, v in result.items()
+        if isinstance(v, (int, float)) and v is not None
+    }
+
+
+def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    """Trains as configured; returns the final eval results (on every rank)."""
+    accelerator = build_accelerator(cfg)
+    main = accelerator.is_main_process
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING,
+        format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(name)s: %(message)s",
+    )
+    out_dir = Path(cfg.train.output_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        (out_dir / "launch.json").write_text(json.dumps(describe(accelerator), indent=2))
+    log.info("launch: %s", describe(accelerator))
+    set_seed(cfg.train.seed)  # same seed on every rank: identical initial weights
+
+    model = build_model(cfg.model)
+    tokenizer = model.text.tokenizer
+    if cfg.train.init_from:
+        report = ckpt.load_init_weights(model, cfg.train.init_from)
+        log.info(
+            "init_from %s: loaded %d tensors; newly initialised: %s; not used: %s",
+            cfg.train.init_from,
+            len(report["loaded"]),
+            report["missing"] or "none",
+            report["unexpected"] or "none",
+        )
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("parameters: %.2fM trainable of %.2fM", n_train / 1e6, n_all / 1e6)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    move = Mover(accelerator)
+
+    step, batches_consumed = 0, 0
+    resume_from = ckpt.resolve_resume(resume, cfg.train.output_dir)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from)
+        step, batches_consumed = state["step"], state["batches_consumed"]
+        log.info(
+            "resumed from %s at step %d (%d batches consumed)", resume_from, step, batches_consumed
+        )
+
+    loader = build_train_loader(
+        cfg.data.train,
+        cfg.data,
+        tokenizer,
+        cfg.model.text.max_length,
+        accelerator.process_index,
+        accelerator.num_processes,
+        cfg.train.seed,
+        start_batch=batches_consumed,
+    )
+    logger = MetricLogger(cfg.train.output_dir, main)
+    tc = cfg.train
+    data = iter(loader)
+    window: dict[str, float] = defaultdict(float)
+    window_steps, window_start = 0, time.perf_counter()
+    skipped_by_worker: dict[int, int] = {}
+    pbar = tqdm(total=tc.max_steps, initial=step, disable=not (main and tc.progress), desc="train")
+    model.train()
+    while step < tc.max_steps:
+        lr = lr_at(step, cfg.optim, tc.max_steps)
+        set_lr(optimizer, lr)
+        micro = [move(next(data)) for _ in range(tc.grad_accum)]
+        batches_consumed += tc.grad_accum
+        for batch in micro:  # cumulative per loader worker
+            skipped_by_worker[batch["worker"]] = batch["skipped"]
+        losses = train_step(model, micro, optimizer, accelerator, tc.grad_clip)
+        step += 1
+        pbar.update(1)
+        for key, value in losses.items():
+            window[key] += value
+        window_steps += 1
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            means = reduce_mean(accelerator, {k: v / window_steps for k, v in window.items()})
+            if not all(math.isfinite(v) for v in means.values()):
+                raise FloatingPointError(f"non-finite loss at step {step}: {means}")
+            elapsed = time.perf_counter() - window_start
+            samples = window_steps * tc.grad_accum * cfg.data.batch_size * accelerator.num_processes
+            metrics = {f"train/{k}": v for k, v in means.items()}
+            metrics["train/lr"] = lr
+            metrics["train/samples_per_s"] = samples / max(elapsed, 1e-9)
+            skipped = torch.tensor(sum(skipped_by_worker.values()), device=accelerator.device)
+            metrics["data/skipped"] = int(accelerator.reduce(skipped, reduction="sum"))
+            logger.log(step, metrics)
+            pbar.set_postfix(loss=f"{means['loss']:.4f}")
+            window, window_steps, window_start = defaultdict(float), 0, time.perf_counter()
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            result = evaluate(cfg, model, accelerator, move, tokenizer, "val", plots=False)
+            logger.log(step, _flat("val", result))
+        if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
+            ckpt.save_checkpoint(accelerator, tc.output_dir, step, batches_consumed, tc.keep_last)
+    pbar.close()
+
+    ckpt.save_checkpoint(accelerator, tc.output_dir, step, batches_consumed, tc.keep_last)
+    ckpt.export_weights(accelerator, model, tc.output_dir)
+    results: dict[str, Any] = {}
+    for split in tc.eval_splits:
+        results[split] = evaluate(cfg, model, accelerator, move, tokenizer, split, plots=True)
+        logger.log(step, _flat(split, results[split]))
+    logger.close()
+    if main:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "losses.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results

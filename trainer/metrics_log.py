@@ -1,0 +1,50 @@
+"""Metrics to `metrics.jsonl` and TensorBoard, from the main process only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricLogger:
+    """Appends one JSON line per call and mirrors scalars to TensorBoard."""
+
+    def __init__(self, output_dir: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; for a step logged twice (a resumed run) the last wins."""
+    by_key: dict[tuple, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            kind = tuple(sorted(k for k in record if k != "step"))
+            by_key[(record["step"], kind)] = record
+    return sorted(by_key.values(), key=lambda r: r["step"])

@@ -1,0 +1,34 @@
+"""The end-of-run summary a person reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accelerate.state import PartialState
+
+from trainer.config import Config
+
+
+def format_results(results: dict[str, Any], cfg: Config) -> str:
+    lines = [f"run folder: {cfg.train.output_dir}"]
+    for split, result in results.items():
+        if "acc" in result:
+            auc = "n/a" if result["auc"] is None else f"{result['auc']:.4f}"
+            lines.append(
+                f"{split}: ACC {result['acc']:.4f}  macro-AUC {auc}  F1 {result['f1']:.4f}  "
+                f"(n={result['n']})"
+            )
+            for cohort, r in result.get("per_cohort", {}).items():
+                c_auc = "n/a" if r["auc"] is None else f"{r['auc']:.4f}"
+                lines.append(
+                    f"  {cohort:<8} ACC {r['acc']:.4f}  macro-AUC {c_auc}  F1 {r['f1']:.4f}  (n={r['n']})"
+                )
+        else:
+            losses = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items()))
+            lines.append(f"{split}: {losses}")
+    return "\n".join(lines)
+
+
+def print_results(results: dict[str, Any], cfg: Config) -> None:
+    if PartialState().is_main_process:
+        print(format_results(results, cfg), flush=True)
