@@ -1,0 +1,1 @@
+"""Raw dataset layouts -> WebDataset shards -> batches."""

@@ -1,0 +1,146 @@
+"""Clinical fields -> one sentence each (Alifuse-style text), with missing values left out.
+
+The diagnosis is the label, so it is never rendered: a text tower must not read the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from shards.volume import RecordError
+
+# Cells that mean "no value" in the tables people actually have.
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "none", "null", "-"})
+
+# Columns that carry (or are) the label; rendering them would leak the answer.
+LEAKY_FIELDS = frozenset(
+    {"diagnosis", "dx", "dx_bl", "group", "label", "class", "diagnosis_code", "dxcurren"}
+)
+
+SEX_WORDS = {"f": "female", "female": "female", "m": "male", "male": "male"}
+HAND_WORDS = {"r": "right-handed", "l": "left-handed", "a": "ambidextrous"}
+
+# Known fields in the order they are rendered; the summary always comes last.
+SENTENCES: dict[str, str] = {
+    "age": "The patient is {} years old.",
+    "sex": "The patient is {}.",
+    "handedness": "The patient is {}.",
+    "education_years": "The patient has {} years of education.",
+    "ses": "The socioeconomic status is {}.",
+    "mmse": "The MMSE score is {}.",
+    "cdr": "The CDR global score is {}.",
+    "cdr_sb": "The CDR sum of boxes is {}.",
+    "logical_memory": "The logical memory delayed recall score is {}.",
+    "etiv": "The estimated total intracranial volume is {} cm3.",
+    "nwbv": "The normalized whole brain volume is {}.",
+    "asf": "The atlas scaling factor is {}.",
+}
+
+
+def is_missing(value: Any) -> bool:
+    """True for None, empty / placeholder strings and NaN."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, str):
+        return value.strip().lower() in MISSING_TOKENS
+    return False
+
+
+def parse_number(value: Any) -> int | float | None:
+    """Parse a table cell as a number: integers as int ("29.0" -> 29), None when missing/not numeric."""
+    if is_missing(value) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
+        return None
+    return int(number) if number.is_integer() else number
+
+
+def parse_cell(value: Any) -> int | float | str | None:
+    """A cell as a number when it is one, else its stripped text; None when missing."""
+    if is_missing(value):
+        return None
+    number = parse_number(value)
+    return number if number is not None else str(value).strip()
+
+
+def format_value(value: Any) -> str:
+    """Format a value for text: integral numbers without ".0", other floats at most 3 decimals."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        return repr(round(value, 3))
+    return str(value).strip()
+
+
+def clean_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy of the fields with the missing ones omitted (numbers kept as numbers)."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if is_missing(value):
+            continue
+        if isinstance(value, bool | int | str):
+            out[key] = value
+        elif isinstance(value, float):
+            out[key] = int(value) if value.is_integer() else value
+        else:  # numpy scalars and the like
+            number = parse_number(value)
+            out[key] = number if number is not None else str(value)
+    return out
+
+
+def cut_words(text: str, word_limit: int) -> str:
+    """Keep the first ``word_limit`` whitespace-separated words of a narrative."""
+    words = text.split()
+    return " ".join(words[:word_limit])
+
+
+def _sentence(key: str, value: Any) -> str:
+    text = format_value(value)
+    if key == "sex":
+        word = SEX_WORDS.get(text.lower())
+        return SENTENCES["sex"].format(word) if word else f"The patient's sex is {text}."
+    if key == "handedness":
+        word = HAND_WORDS.get(text.lower())
+        return SENTENCES["handedness"].format(word) if word else f"The handedness is {text}."
+    if key in SENTENCES:
+        return SENTENCES[key].format(text)
+    return f"The {key.replace('_', ' ').strip()} is {text}."
+
+
+def render_text(fields: Mapping[str, Any], word_limit: int = 64, source: str | Path = "") -> str:
+    """Render clinical fields as sentences: known fields in a fixed order, then other columns
+    ("The <column> is <value>."), then the narrative ``summary`` cut to ``word_limit`` words.
+
+    Missing values are left out; label-like columns (diagnosis, DX, group) are never rendered.
+    Raises RecordError("empty_text") when nothing is left to say.
+    """
+    if word_limit < 1:
+        raise ValueError(f"word_limit must be >= 1, got {word_limit}")
+    present = {
+        k: v for k, v in fields.items() if not is_missing(v) and k.lower() not in LEAKY_FIELDS
+    }
+    sentences = [_sentence(k, present[k]) for k in SENTENCES if k in present]
+    sentences += [
+        _sentence(k, v) for k, v in present.items() if k not in SENTENCES and k != "summary"
+    ]
+    if "summary" in present:
+        summary = cut_words(str(present["summary"]), word_limit)
+        if summary:
+            sentences.append(summary)
+    text = " ".join(sentences)
+    if not text.strip():
+        raise RecordError("empty_text", source, "expected at least one clinical field with a value")
+    return text

@@ -1,0 +1,311 @@
+"""AD records -> WebDataset tar shards per split, with manifests, a reject log and a report.
+
+Sample format "medalign-ad-v1" (the shard reader depends on it):
+  __key__   <cohort>_<subject>_<image_id>, characters outside [A-Za-z0-9_-] replaced by "_"
+  vol.npy   float16 (S, S, S) RAS volume in [0, 1]
+  txt       clinical text (utf-8)
+  json      subject, cohort, image_id, visit, split, diagnosis, label, binary, source_path, fields
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from shards.ad_tables import LABELS, AdRecord, Reject, read_source
+from shards.clinical import clean_fields, render_text
+from shards.splits import SPLITS, assign_splits, check_ratios, subject_strata
+from shards.volume import RecordError, load_volume
+
+log = logging.getLogger(__name__)
+
+FORMAT = "medalign-ad-v1"
+PROGRESS_MIN = 50  # show a progress bar from this many volumes per split
+
+Source = Sequence[Any]  # (fmt, table, images_root) or (fmt, table, images_root, cohort)
+
+
+def sample_key(cohort: str, subject: str, image_id: str) -> str:
+    """The shard key: no dots (webdataset splits keys from extensions at the first dot)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{cohort}_{subject}_{image_id}")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _preprocess(job: tuple[str, int]) -> tuple[str, bytes | None, str, str]:
+    """Worker: volume path -> (path, npy bytes or None, reject reason, detail)."""
+    path, size = job
+    try:
+        cube = load_volume(path, size=size)
+    except RecordError as err:
+        return path, None, err.reason, err.detail or str(err)
+    except Exception as exc:  # a single odd file must not end a run over thousands
+        return path, None, "preprocess_error", f"{type(exc).__name__}: {exc}"
+    return path, _npy_bytes(cube.astype(np.float16)), "", ""
+
+
+def _init_worker() -> None:
+    # Each process already has a core; intra-op threads would only oversubscribe.
+    torch.set_num_threads(1)
+
+
+def _volumes(
+    jobs: list[tuple[str, int]], workers: int
+) -> Iterator[tuple[str, bytes | None, str, str]]:
+    if workers <= 1:
+        yield from map(_preprocess, jobs)
+        return
+    # spawn: forking a parent that already ran OpenMP (torch) can hang the children.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        yield from pool.imap(_preprocess, jobs, chunksize=1)
+
+
+class _ShardSink:
+    """Writes numbered tar shards of at most ``per_shard`` samples and records their digests."""
+
+    def __init__(self, folder: Path, split: str, per_shard: int) -> None:
+        self.folder, self.split, self.per_shard = folder, split, per_shard
+        self.shards: list[dict[str, Any]] = []
+        self._writer: wds.TarWriter | None = None
+        self._path: Path | None = None
+        self._count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._writer is None or self._count >= self.per_shard:
+            self._finish()
+            self._path = self.folder / f"{self.split}-{len(self.shards):06d}.tar"
+            # Fixed mtime: the same inputs and seed give byte-identical shards.
+            self._writer = wds.TarWriter(str(self._path), mtime=0.0, encoder=False)
+            self._count = 0
+        self._writer.write(sample)
+        self._count += 1
+
+    def _finish(self) -> None:
+        if self._writer is None or self._path is None:
+            return
+        self._writer.close()
+        digest = hashlib.sha256()
+        with open(self._path, "rb") as fh:  # in chunks: a 128^3 shard is about 1 GB
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        self.shards.append(
+            {
+                "name": self._path.name,
+                "num_samples": self._count,
+                "bytes": self._path.stat().st_size,
+                "sha256": digest.hexdigest(),
+            }
+        )
+        self._writer = None
+
+    def close(self) -> list[dict[str, Any]]:
+        self._finish()
+        return self.shards
+
+
+def _collect(
+    sources: Iterable[Source], word_limit: int
+) -> tuple[list[tuple[AdRecord, str]], list[Reject], int, dict[str, dict[str, int]]]:
+    """Run every adapter and render text: (records with text, rejects, records_in, stats)."""
+    kept: list[tuple[AdRecord, str]] = []
+    rejects: list[Reject] = []
+    stats: dict[str, dict[str, int]] = {}
+    seen: dict[str, str] = {}
+    records_in = 0
+    for source in sources:
+        fmt, table, images_root, *rest = source
+        cohort = rest[0] if rest else None
+        source_stats: dict[str, int] = {}
+        stats[f"{fmt}:{table}"] = source_stats
+        for item in read_source(fmt, table, images_root, cohort=cohort, stats=source_stats):
+            records_in += 1
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            where = str(item.image_path)
+            key = sample_key(item.cohort, item.subject, item.image_id)
+            if key in seen:
+                rejects.append(
+                    Reject(where, "duplicate_key", f"key {key} already used by {seen[key]}")
+                )
+                continue
+            try:
+                text = render_text(item.fields, word_limit=word_limit, source=where)
+            except RecordError as err:
+                rejects.append(Reject(where, err.reason, err.detail))
+                continue
+            seen[key] = where
+            kept.append((item, text))
+    return kept, rejects, records_in, stats
+
+
+def _sample(rec: AdRecord, text: str, split: str, volume: bytes) -> dict[str, Any]:
+    meta = {
+        "subject": rec.subject,
+        "cohort": rec.cohort,
+        "image_id": rec.image_id,
+        "visit": rec.visit,
+        "split": split,
+        "diagnosis": rec.diagnosis,
+        "label": LABELS[rec.diagnosis],
+        "binary": rec.binary,
+        "source_path": str(rec.image_path),
+        "fields": clean_fields(rec.fields),
+    }
+    return {
+        "__key__": sample_key(rec.cohort, rec.subject, rec.image_id),
+        "vol.npy": volume,
+        "txt": text.encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def _clear_old_shards(folder: Path, split: str) -> None:
+    stale = sorted(folder.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    if stale:
+        log.warning("removing %d shards of an earlier run in %s", len(stale), folder)
+    for path in stale:
+        path.unlink()
+
+
+def _write_split(
+    split: str,
+    items: list[tuple[AdRecord, str]],
+    out: Path,
+    size: int,
+    samples_per_shard: int,
+    seed: int,
+    workers: int,
+    rejects: list[Reject],
+) -> dict[str, Any]:
+    folder = out / split
+    folder.mkdir(parents=True, exist_ok=True)
+    _clear_old_shards(folder, split)
+    # Sort first so the shuffle depends on the seed only, not on the order of the sources.
+    items = sorted(items, key=lambda it: sample_key(it[0].cohort, it[0].subject, it[0].image_id))
+    random.Random(f"{seed}|{split}").shuffle(items)
+    sink = _ShardSink(folder, split, samples_per_shard)
+    jobs = [(str(rec.image_path), size) for rec, _ in items]
+    bar = tqdm(
+        total=len(items), desc=f"{split} volumes", unit="vol", disable=len(items) < PROGRESS_MIN
+    )
+    written = 0
+    for (rec, text), (path, volume, reason, detail) in zip(
+        items, _volumes(jobs, workers), strict=True
+    ):
+        bar.update()
+        if volume is None:
+            log.warning("reject %s: %s (%s)", path, reason, detail)
+            rejects.append(Reject(path, reason, detail))
+            continue
+        sink.write(_sample(rec, text, split, volume))
+        written += 1
+    bar.close()
+    manifest = {
+        "split": split,
+        "num_samples": written,
+        "shards": sink.close(),
+        "volume_size": size,
+        "format": FORMAT,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: records in, written per split, rejected by reason."""
+    w, r = report["written"], report["rejected"]
+    splits = " ".join(f"{s}={w[s]}" for s in SPLITS)
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["by_reason"].items())) or "none"
+    return (
+        f"AD shards: {report['records_in']} records in -> {w['total']} written ({splits}), "
+        f"{r['total']} rejected ({reasons}) in {report['seconds']:.1f}s -> {report['out_dir']}"
+    )
+
+
+def write_ad_shards(
+    sources: Iterable[Source],
+    out_dir: str | Path,
+    size: int = 128,
+    samples_per_shard: int = 256,
+    seed: int = 0,
+    split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+    workers: int = 1,
+    word_limit: int = 64,
+) -> dict[str, Any]:
+    """Read AD sources, preprocess volumes, split by subject and write WebDataset shards.
+
+    ``sources``: (fmt, table, images_root[, cohort]) with fmt in generic / adnimerge / oasis2.
+    Writes <out>/<split>/<split>-NNNNNN.tar and manifest.json per split, <out>/rejects.jsonl
+    and <out>/report.json; returns the report. Every input ends up written or rejected.
+    """
+    if size < 2:
+        raise ValueError(f"size must be >= 2, got {size}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    ratios = check_ratios(tuple(split_ratios))
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    kept, rejects, records_in, stats = _collect(sources, word_limit)
+    splits = assign_splits(subject_strata(rec for rec, _ in kept), ratios, seed)
+    by_split: dict[str, list[tuple[AdRecord, str]]] = {s: [] for s in SPLITS}
+    for rec, text in kept:
+        by_split[splits[(rec.cohort, rec.subject)]].append((rec, text))
+    log.info("%d records in, %d rejected before reading volumes", records_in, len(rejects))
+
+    manifests = {
+        split: _write_split(
+            split, by_split[split], out, size, samples_per_shard, seed, workers, rejects
+        )
+        for split in SPLITS
+    }
+    with open(out / "rejects.jsonl", "w") as fh:
+        for rej in rejects:
+            fh.write(
+                json.dumps({"source": rej.source, "reason": rej.reason, "detail": rej.detail})
+                + "\n"
+            )
+
+    written = {split: manifests[split]["num_samples"] for split in SPLITS}
+    written["total"] = sum(written.values())
+    subjects = Counter(splits.values())
+    report: dict[str, Any] = {
+        "format": FORMAT,
+        "out_dir": str(out),
+        "volume_size": size,
+        "seed": seed,
+        "split_ratios": list(ratios),
+        "records_in": records_in,
+        "written": written,
+        "rejected": {"total": len(rejects), "by_reason": dict(Counter(r.reason for r in rejects))},
+        "subjects": {split: subjects.get(split, 0) for split in SPLITS},
+        "source_stats": stats,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    # The promise of this writer: nothing is silently dropped.
+    assert records_in == written["total"] + len(rejects), report
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(summary_line(report))
+    return report
