@@ -226,7 +226,7 @@ class AlifuseModel(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) ids and mask -> L2-normalised (B, embed_dim)."""
         self._check_itc()
-        pooled = self.text.pool(self.text.forward_features(input_ids, attention_mask))
+        pooled = self.text.pool(self.text.forward_features(input_ids, attention_mask), attention_mask)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def no_weight_decay(self) -> set[str]:
@@ -268,7 +268,9 @@ class AlifuseModel(nn.Module):
         if self.use_itc:
             scale = self.scale()
             image_features = F.normalize(self.image_proj(self.visual.pool(image_tokens)), dim=-1)
-            text_features = F.normalize(self.text_proj(self.text.pool(text_tokens)), dim=-1)
+            text_features = F.normalize(
+                self.text_proj(self.text.pool(text_tokens, attention_mask)), dim=-1
+            )
             itc = self.clip_loss(image_features, text_features, scale)
             out["itc_loss"] = cfg.itc_weight * itc
             out["logit_scale"] = scale.detach().squeeze()
@@ -302,7 +304,9 @@ class AlifuseModel(nn.Module):
             text_out = self.text_grounded(text_trunk, attention_mask, image_tokens, self.text_split)
         else:
             image_out, text_out = image_tokens, text_tokens
-        fused = torch.cat([self.visual.pool(image_out), self.text.pool(text_out)], dim=-1)
+        fused = torch.cat(
+            [self.visual.pool(image_out), self.text.pool(text_out, attention_mask)], dim=-1
+        )
         logits = self.fusion_head(fused)  # (B, num_classes)
         out = {"logits": logits}
         if cfg.cls_weight:

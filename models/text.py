@@ -59,6 +59,9 @@ class TextConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
     max_length: int = 70
     mlm_probability: float = 0.15
+    # How token states become one text vector: the [CLS] state (BERT's habit) or the mean of
+    # the non-padding states (more varied across inputs when the tower starts untrained).
+    pooling: Literal["cls", "mean"] = "cls"
 
     def __post_init__(self) -> None:
         if self.lora_r < 1:
@@ -83,11 +86,12 @@ class TextTower(nn.Module):
     head. Interface like the image tower: `forward_features` -> `pool` (CLS).
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer, mode: str) -> None:
+    def __init__(self, hf_model: nn.Module, tokenizer, mode: str, pooling: str = "cls") -> None:
         super().__init__()
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.mode = mode
+        self.pooling = pooling
         config = self.mlm_model.config
         self.hidden_size: int = config.hidden_size
         self.num_heads: int = config.num_attention_heads
@@ -157,12 +161,15 @@ class TextTower(nn.Module):
         """(B, L) ids and mask -> last hidden states (B, L, H)."""
         return self.run_layers(self.embed(input_ids), attention_mask)
 
-    def pool(self, h: Tensor) -> Tensor:
-        """(B, L, H) -> (B, H): the [CLS] state."""
-        return h[:, 0]
+    def pool(self, h: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L, H), (B, L) -> (B, H): the [CLS] state, or the mean over non-padding tokens."""
+        if self.pooling == "cls":
+            return h[:, 0]
+        keep = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
+        return (h * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.pool(self.forward_features(input_ids, attention_mask))
+        return self.pool(self.forward_features(input_ids, attention_mask), attention_mask)
 
     def mlm_logits(self, h: Tensor) -> Tensor:
         """(B, L, H) -> (B, L, V) through the checkpoint's own MLM head."""
@@ -289,7 +296,7 @@ def build_text_tower(cfg: TextConfig) -> TextTower:
             raise ValueError(f"text.lora_targets={cfg.lora_targets}: {err}") from err
     else:
         model.requires_grad_(True)
-    return TextTower(model, tokenizer, cfg.mode)
+    return TextTower(model, tokenizer, cfg.mode, cfg.pooling)
 
 
 def make_tiny_bert_checkpoint(

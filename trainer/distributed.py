@@ -1,7 +1,7 @@
 """Accelerator set-up: topology comes from `accelerate launch`, ZeRO settings from the DeepSpeed
 JSON, and every value the trainer config owns is written into the JSON's "auto" slots here.
 
-CPU needs care (see docs/DISTRIBUTED.md): DeepSpeed needs a gloo process group, plain DDP needs
+CPU needs care (see docs/TRAINING.md): DeepSpeed needs a gloo process group, plain DDP needs
 `Accelerator(cpu=True)`, and `cpu=True` under `--use_deepspeed` would silently give DDP. The
 checks at the end turn those silent failure modes into errors.
 """
