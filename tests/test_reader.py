@@ -191,3 +191,17 @@ def test_tarfile_members_are_plain(tmp_path):
     shards = write_split(tmp_path / "t", n=1, per_shard=1)
     with tarfile.open(shards.shards[0][0]) as tar:
         assert sorted(tar.getnames()) == ["k00000.json", "k00000.txt", "k00000.vol.npy"]
+
+
+def test_resampled_draws_are_seeded_per_rank_and_allow_few_shards(tmp_path):
+    shards = write_split(tmp_path / "train", n=6, per_shard=3)  # 2 shards, 2 ranks x 2 workers
+    cfg = DataConfig(batch_size=1, num_workers=2, resampled=True, shuffle_buffer=1)
+
+    def keys(rank):
+        stream = TrainStream(shards, cfg, WordTokenizer(), 16, rank=rank, world_size=2, seed=5)
+        it = iter(DataLoader(stream, batch_size=None, num_workers=2))
+        return [next(it)["key"][0] for _ in range(12)]
+
+    assert keys(0) == keys(0)  # reproducible
+    assert keys(0) != keys(1)  # ranks draw independently
+    assert set(keys(0)) <= {f"k{i:05d}" for i in range(6)}
