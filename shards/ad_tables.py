@@ -68,6 +68,11 @@ ADNI_FIELDS = {
     "MMSE": "mmse",
     "CDRSB": "cdr_sb",
     "LDELTOTAL": "logical_memory",
+    # FreeSurfer volumes (mm3) measured from the visit's MRI; empty at visits without one.
+    "Ventricles": "ventricles",
+    "Hippocampus": "hippocampus",
+    "WholeBrain": "whole_brain",
+    "ICV": "icv",
 }
 ADNI_MAX_DAYS = 180
 

@@ -34,10 +34,17 @@ SENTENCES: dict[str, str] = {
     "cdr": "The CDR global score is {}.",
     "cdr_sb": "The CDR sum of boxes is {}.",
     "logical_memory": "The logical memory delayed recall score is {}.",
+    "ventricles": "The ventricular volume is {} mm3.",
+    "hippocampus": "The hippocampal volume is {} mm3.",
+    "whole_brain": "The whole brain volume is {} mm3.",
+    "icv": "The intracranial volume is {} mm3.",
     "etiv": "The estimated total intracranial volume is {} cm3.",
     "nwbv": "The normalized whole brain volume is {}.",
     "asf": "The atlas scaling factor is {}.",
 }
+
+# Volumes in mm3 (ADNIMERGE FreeSurfer columns): whole numbers with thousands separators.
+VOLUME_FIELDS = frozenset({"ventricles", "hippocampus", "whole_brain", "icv"})
 
 
 def is_missing(value: Any) -> bool:
@@ -107,8 +114,14 @@ def cut_words(text: str, word_limit: int) -> str:
     return " ".join(words[:word_limit])
 
 
+def format_volume(value: Any) -> str:
+    """A volume as a whole number with thousands separators (41234.6 -> "41,235")."""
+    number = parse_number(value)
+    return f"{round(number):,}" if number is not None else format_value(value)
+
+
 def _sentence(key: str, value: Any) -> str:
-    text = format_value(value)
+    text = format_volume(value) if key in VOLUME_FIELDS else format_value(value)
     if key == "sex":
         word = SEX_WORDS.get(text.lower())
         return SENTENCES["sex"].format(word) if word else f"The patient's sex is {text}."

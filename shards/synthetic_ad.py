@@ -5,6 +5,12 @@ AIBL, MIRIAD as the project's generic tables. The anatomy is the real MNI152 tem
 nilearn ships (or a procedural phantom) with label-dependent, noisy changes: ventricles
 enlarge and the medial temporal lobe darkens from NC to MCI to AD and with age. Volumes are
 stored in varied orientations and voxel spacings so the reader's canonicalisation is used.
+
+Each visit's anatomy (disease-load and atrophy noise, the subject's head size) is drawn once,
+before anything is written; the volume is synthesised from it and the tables' image-derived
+columns are measured from it with a few percent of error, as in the real data: ADNIMERGE's
+FreeSurfer Ventricles / Hippocampus / WholeBrain / ICV, OASIS-2's eTIV / nWBV / ASF, and an
+MRI impression in some NACC summaries.
 """
 
 from __future__ import annotations
@@ -81,6 +87,29 @@ SUMMARY_PHRASES = {
         "Mild low back pain, no other complaints.",
     ),
 }
+
+# The ventricle field threshold (clip range) and the softness of the ventricle edge.
+VENTRICLE_THRESHOLDS = (0.04, 0.65)
+VENTRICLE_WIDTH = 0.03
+VENTRICLE_ZERO_LOAD = 0.5  # the threshold at load 0; each unit of load lowers it by 0.16
+VENTRICLE_SLOPE = 0.16
+# Image-derived measures of a head of the template's size at load 0, in the tables' units.
+REF_VENTRICLES_MM3 = 24000.0
+REF_HIPPOCAMPUS_MM3 = 7400.0
+REF_WHOLE_BRAIN_MM3 = 1.06e6
+REF_ICV_MM3 = 1.5e6
+REF_ETIV_CM3 = 1480.0
+REF_NWBV = 0.765
+# FreeSurfer's Ventricles for the ventricle volume the image shows (0.3x to 9x that of load 0
+# over the threshold range): a mild compression keeps it within the range ADNIMERGE reports.
+VENTRICLE_POWER = 0.75
+# NACC narrative MRI impressions by disease load (upper bounds).
+MRI_IMPRESSIONS = (
+    (0.5, "MRI shows no significant ventricular enlargement or hippocampal atrophy."),
+    (1.2, "MRI shows mild ventricular enlargement and hippocampal atrophy."),
+    (2.0, "MRI shows moderate ventricular enlargement and hippocampal atrophy."),
+    (math.inf, "MRI shows marked ventricular enlargement and hippocampal atrophy."),
+)
 
 Source = tuple[str, Path, Path]
 
@@ -223,20 +252,70 @@ def build_anatomy(template: str, shape: Sequence[int]) -> Anatomy:
     raise ValueError(f"unknown template {template!r}; expected 'mni' or 'phantom'")
 
 
+@dataclass(frozen=True)
+class Latents:
+    """What a visit's anatomy is made of, drawn once: the image shows it, the table measures it.
+
+    ``load_noise`` and ``atrophy_noise`` are this visit's deviations of the disease load and of
+    the medial temporal lobe atrophy from what severity and age predict; ``head_scale`` is the
+    subject's linear head size relative to the template (shared by all of its visits).
+    """
+
+    load_noise: float
+    atrophy_noise: float
+    head_scale: float
+
+
+def draw_head_scale(rng: np.random.Generator, sex: str = "") -> float:
+    """A subject's linear head size relative to the template: men's heads are larger."""
+    mean = {"M": 1.025, "F": 0.975}.get(sex, 1.0)
+    return float(np.clip(rng.normal(mean, 0.025), 0.92, 1.08))
+
+
+def draw_latents(rng: np.random.Generator, head_scale: float | None = None) -> Latents:
+    """One visit's latents; ``head_scale`` is the subject's, drawn here when not given."""
+    load_noise = float(rng.normal(0.0, 0.35))
+    atrophy_noise = float(rng.normal(0.0, 0.04))
+    if head_scale is None:
+        head_scale = draw_head_scale(rng)
+    return Latents(load_noise, atrophy_noise, float(head_scale))
+
+
+def disease_effects(severity: float, age: float, latents: Latents) -> tuple[float, float, float]:
+    """(load, ventricle threshold, MTL atrophy) that ``synth_volume`` applies to the template.
+
+    The load rises with severity and age; ventricles are the part of the ventricle field above
+    the threshold (lower = larger), and the MTL loses ``atrophy`` of its intensity.
+    """
+    load = severity + 0.04 * (age - 72.0) + latents.load_noise
+    threshold = float(np.clip(VENTRICLE_ZERO_LOAD - VENTRICLE_SLOPE * load, *VENTRICLE_THRESHOLDS))
+    atrophy = float(np.clip(0.12 * load + latents.atrophy_noise, 0.0, 0.55))
+    return load, threshold, atrophy
+
+
 def synth_volume(
-    anatomy: Anatomy, severity: float, age: float, rng: np.random.Generator
+    anatomy: Anatomy,
+    severity: float,
+    age: float,
+    rng: np.random.Generator,
+    latents: Latents | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One subject's scan: (float32 RAS array, 4x4 RAS affine with 1.0-1.5 mm voxels).
 
     ``severity`` ~0 NC, ~1 MCI, ~2 AD. Ventricles enlarge and the MTL darkens with severity
     and age, with per-subject noise, head pose, intensity scale, bias field and noise.
+    ``latents`` fixes the anatomy (load and atrophy noise, head size) so that a table can
+    measure the same anatomy; without it they are drawn from ``rng`` here.
     """
     base_shape = np.asarray(anatomy.base.shape)
-    load = severity + 0.04 * (age - 72.0) + rng.normal(0.0, 0.35)
-    t = float(np.clip(0.5 - 0.16 * load, 0.04, 0.65))
-    w_vent = torch.sigmoid((anatomy.ventricle_field - t) / 0.03)
+    # Drawn in the order this function always drew them, so that a seed keeps its volume.
+    load_noise = rng.normal(0.0, 0.35) if latents is None else latents.load_noise
+    atrophy_noise = rng.normal(0.0, 0.04) if latents is None else latents.atrophy_noise
+    _, t, atrophy = disease_effects(
+        severity, age, Latents(float(load_noise), float(atrophy_noise), 1.0)
+    )
+    w_vent = torch.sigmoid((anatomy.ventricle_field - t) / VENTRICLE_WIDTH)
     img = anatomy.base * (1 - w_vent) + anatomy.csf * w_vent
-    atrophy = float(np.clip(0.12 * load + rng.normal(0.0, 0.04), 0.0, 0.55))
     img = img * (1 - atrophy * anatomy.mtl)
     img = img.clamp(min=0) ** float(rng.uniform(0.85, 1.15))
 
@@ -252,7 +331,8 @@ def synth_volume(
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (X, Y, Z, 3)
     # Head pose: small rotation, size and shift, as between real subjects and sessions.
     angles = np.deg2rad(rng.uniform(-6, 6, 3))
-    rot = _rotation(angles) / rng.uniform(0.93, 1.07)
+    head_scale = rng.uniform(0.93, 1.07) if latents is None else latents.head_scale
+    rot = _rotation(angles) / head_scale  # sampling at p / s shows the head s times larger
     shift = rng.uniform(-0.04, 0.04, 3) * base_shape
     p = coords @ torch.tensor(rot.T, dtype=torch.float32) + torch.tensor(shift, dtype=torch.float32)
     grid = (p / torch.tensor(base_shape / 2, dtype=torch.float32)).flip(-1)  # grid is (z, y, x)
@@ -274,6 +354,74 @@ def synth_volume(
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = -n_out * spacing / 2 + spacing / 2 + rng.uniform(-5, 5, 3)
     return data, affine
+
+
+class VentricleCurve:
+    """An anatomy's ventricle volume as a function of the threshold, relative to load 0.
+
+    The soft ventricle mask ``synth_volume`` paints, summed over the base grid once per
+    threshold on a fine grid and interpolated, so that every visit is cheap to measure. The
+    mask's floor far from the ventricles (sigmoid(-t / width), a faint overall darkening, not
+    ventricle) is taken off, so the volume is that of the visibly enlarged ventricles.
+    """
+
+    def __init__(self, anatomy: Anatomy, steps: int = 123) -> None:
+        self.thresholds = np.linspace(*VENTRICLE_THRESHOLDS, steps)
+        volumes = np.array([self._volume(anatomy, t) for t in self.thresholds])
+        self.relative = volumes / max(self._volume(anatomy, VENTRICLE_ZERO_LOAD), 1e-6)
+
+    @staticmethod
+    def _volume(anatomy: Anatomy, threshold: float) -> float:
+        mask = torch.sigmoid((anatomy.ventricle_field - threshold) / VENTRICLE_WIDTH)
+        floor = 1.0 / (1.0 + math.exp(threshold / VENTRICLE_WIDTH))
+        return float(((mask - floor) / (1.0 - floor)).sum())
+
+    def __call__(self, threshold: float) -> float:
+        return float(np.interp(threshold, self.thresholds, self.relative))
+
+
+@dataclass(frozen=True)
+class Morphometry:
+    """A visit's true image-derived measures: what FreeSurfer (ADNIMERGE) or the OASIS atlas
+    registration would report without measurement error, in the tables' units."""
+
+    load: float  # disease load (severity + age + noise) before the image's clipping
+    shown_load: float  # the load the ventricles show (the threshold's load, within its clip)
+    ventricle_ratio: float  # ventricle volume painted in the image relative to load 0
+    atrophy: float  # fraction of MTL intensity removed
+    ventricles: float  # mm3
+    hippocampus: float  # mm3
+    whole_brain: float  # mm3
+    icv: float  # mm3
+    etiv: float  # cm3
+    nwbv: float  # whole brain / estimated intracranial volume
+
+
+def morphometry(
+    curve: VentricleCurve, severity: float, age: float, latents: Latents
+) -> Morphometry:
+    """The image-derived measures of the anatomy ``synth_volume`` draws with ``latents``.
+
+    Volumes scale with the head size cubed; ventricles grow with the ventricle volume actually
+    painted, the hippocampus shrinks with the MTL atrophy applied, whole brain volume and
+    nWBV fall with the load the image shows (which includes age).
+    """
+    load, threshold, atrophy = disease_effects(severity, age, latents)
+    shown = (VENTRICLE_ZERO_LOAD - threshold) / VENTRICLE_SLOPE
+    ratio = curve(threshold)
+    cube = latents.head_scale**3
+    return Morphometry(
+        load=load,
+        shown_load=shown,
+        ventricle_ratio=ratio,
+        atrophy=atrophy,
+        ventricles=REF_VENTRICLES_MM3 * cube * ratio**VENTRICLE_POWER,
+        hippocampus=REF_HIPPOCAMPUS_MM3 * cube * (1.0 - 0.7 * atrophy),
+        whole_brain=REF_WHOLE_BRAIN_MM3 * cube * (1.0 - 0.035 * shown),
+        icv=REF_ICV_MM3 * cube,
+        etiv=REF_ETIV_CM3 * cube,
+        nwbv=REF_NWBV * (1.0 - 0.04 * shown),
+    )
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
@@ -315,6 +463,8 @@ class Visit:
     image_path: Path | None = None
     image_id: str = ""
     corrupt: str = ""
+    latents: Latents | None = None  # the anatomy, drawn once (see _set_anatomy)
+    truth: Morphometry | None = None  # its image-derived measures, before measurement noise
 
 
 @dataclass
@@ -393,16 +543,60 @@ def _make_subject(cohort: str, index: int, rng: np.random.Generator) -> Subject:
     return subject
 
 
+def _set_anatomy(
+    subject: Subject, seed: int, cohort: str, index: int, curve: VentricleCurve
+) -> None:
+    """Draw each visit's latents from its own stream (the head size from the subject's) and
+    measure them, before any table or volume is written."""
+    stream = [seed, COHORTS.index(cohort), index]
+    head = draw_head_scale(np.random.default_rng([*stream, 3]), subject.sex)
+    for visit in subject.visits:
+        visit.latents = draw_latents(np.random.default_rng([*stream, visit.index, 5]), head)
+        visit.truth = morphometry(curve, visit.severity, visit.age, visit.latents)
+
+
+def _measured(value: float, rng: np.random.Generator, relative_sd: float) -> int:
+    """An integer measurement of ``value`` with a few percent of error."""
+    return int(round(value * (1.0 + rng.normal(0.0, relative_sd))))
+
+
+def _freesurfer(visit: Visit, rng: np.random.Generator) -> dict[str, int | None]:
+    """ADNIMERGE's FreeSurfer columns for a visit: empty without an MRI or when the run
+    failed QC (~10%); Hippocampus alone is sometimes missing too."""
+    columns = ("Ventricles", "Hippocampus", "WholeBrain", "ICV")
+    if not visit.imaged or _missing(rng, 0.1):
+        return dict.fromkeys(columns)
+    truth = _truth(visit)
+    return {
+        "Ventricles": _measured(truth.ventricles, rng, 0.03),
+        "Hippocampus": None if _missing(rng, 0.04) else _measured(truth.hippocampus, rng, 0.03),
+        "WholeBrain": _measured(truth.whole_brain, rng, 0.01),
+        "ICV": _measured(truth.icv, rng, 0.015),
+    }
+
+
+def _truth(visit: Visit) -> Morphometry:
+    if visit.truth is None:
+        raise RuntimeError(f"visit {visit.index} has no anatomy: _set_anatomy was not run")
+    return visit.truth
+
+
+def _mri_impression(load: float) -> str:
+    return next(text for bound, text in MRI_IMPRESSIONS if load < bound)
+
+
 def _missing(rng: np.random.Generator, rate: float) -> bool:
     return bool(rng.random() < rate)
 
 
-def _summary(dx: str, rng: np.random.Generator) -> str:
+def _summary(dx: str, rng: np.random.Generator, impression: str = "") -> str:
     phrases: list[str] = []
     for _ in range(int(rng.integers(2, 13))):
         # Mostly phrases of the subject's state, sometimes another state's: noisy, like notes.
         pool = dx if rng.random() < 0.6 else str(rng.choice(["NC", "MCI", "AD", "any", "any"]))
         phrases.append(str(rng.choice(SUMMARY_PHRASES[pool])))
+    if impression:  # early in the note, so that the word limit keeps it
+        phrases.insert(int(rng.integers(0, min(3, len(phrases)) + 1)), impression)
     return " ".join(phrases)
 
 
@@ -445,7 +639,7 @@ def _volume(
 ) -> tuple[np.ndarray, np.ndarray]:
     # A stream per volume: changing one volume (or the corruption plan) leaves the others alone.
     rng = np.random.default_rng([seed, COHORTS.index(cohort), subject, visit.index, 7])
-    data, affine = synth_volume(anatomy, visit.severity, visit.age, rng)
+    data, affine = synth_volume(anatomy, visit.severity, visit.age, rng, latents=visit.latents)
     axcodes = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
     return reorient(data, affine, axcodes)
 
@@ -537,9 +731,7 @@ def _write_adni(root: Path, subjects: list[Subject], rng: np.random.Generator) -
                     "RAVLT_immediate": int(np.clip(rng.normal(45 - 10 * visit.severity, 8), 0, 75)),
                     "LDELTOTAL": None if lm_missing else visit.logical_memory,
                     "FAQ": int(np.clip(rng.normal(6 * visit.severity, 3), 0, 30)),
-                    "Ventricles": int(rng.normal(30000 + 12000 * visit.severity, 8000)),
-                    "Hippocampus": int(rng.normal(7400 - 900 * visit.severity, 700)),
-                    "WholeBrain": int(rng.normal(1.05e6, 1e5)), "ICV": int(rng.normal(1.55e6, 1.5e5)),
+                    **_freesurfer(visit, rng),
                     "DX": dx, "EXAMDATE_bl": start.isoformat(), "Years_bl": round(visit.years, 4),
                     "Month_bl": round(visit.years * 12, 4), "Month": months, "M": months,
                     "update_stamp": "2024-04-10 05:55:39.0",
@@ -581,12 +773,14 @@ def _write_oasis(root: Path, subjects: list[Subject], rng: np.random.Generator) 
         )
         if any(v.corrupt == "unknown_diagnosis" for v in subj.visits):
             group = "Uncertain"
-        etiv = int(np.clip(rng.normal(1480, 170), 1100, 2000))
         ses = None if _missing(rng, 0.2) else int(rng.integers(1, 6))
         for v, dx in zip(subj.visits, coded, strict=True):
             mri_id = f"{subj.sid}_MR{v.index + 1}"
             cdr = 0.0 if dx == "NC" else max(0.5, v.cdr)
-            nwbv = 0.80 - 0.0025 * (v.age - 60) - 0.015 * v.severity + rng.normal(0, 0.012)
+            # Measured from this visit's scan: eTIV by the atlas fit, nWBV by segmentation.
+            truth = _truth(v)
+            etiv = _measured(truth.etiv, rng, 0.01)
+            nwbv = truth.nwbv + rng.normal(0.0, 0.004)
             rows.append(
                 {
                     "Subject ID": subj.sid, "MRI ID": mri_id, "Group": group, "Visit": v.index + 1,
@@ -643,11 +837,14 @@ def _write_generic(
                 if v.corrupt == "unknown_diagnosis"
                 else str(rng.choice(spellings[v.diagnosis]))
             )
+            impression = ""
+            if cohort == "NACC" and rng.random() < 0.7:
+                impression = _mri_impression(_truth(v).load)
             row: dict[str, Any] = {
                 "subject_id": subj.sid, "image_path": rel, "cohort": cohort, "diagnosis": dx,
                 "visit": visit, "age": v.age, "sex": subj.sex, "education_years": subj.education,
                 "mmse": v.mmse, "cdr": _fmt(v.cdr), "cdr_sb": _fmt(v.cdr_sb),
-                "logical_memory": v.logical_memory, "summary": _summary(v.diagnosis, rng),
+                "logical_memory": v.logical_memory, "summary": _summary(v.diagnosis, rng, impression),
                 "apoe4_alleles": apoe, "apoe_genotype": ["E3/E3", "E3/E4", "E4/E4"][apoe],
             }  # fmt: skip
             optional = [
@@ -742,6 +939,10 @@ def _generate(
     anatomy = build_anatomy(template, shape)
     rng = np.random.default_rng(seed)
     cohorts = {c: [_make_subject(c, i, rng) for i in range(subjects_per_cohort)] for c in COHORTS}
+    curve = VentricleCurve(anatomy)
+    for cohort, subjects in cohorts.items():
+        for si, subj in enumerate(subjects):
+            _set_anatomy(subj, seed, cohort, si, curve)
     plan = _plan_corruptions(cohorts, corrupt, rng)
 
     sources = [

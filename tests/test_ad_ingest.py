@@ -202,6 +202,10 @@ def test_render_all_fields_exactly() -> None:
         "cdr": 0.5,
         "cdr_sb": 1.5,
         "logical_memory": 12,
+        "ventricles": 41234.0,
+        "hippocampus": "6812",
+        "whole_brain": 1012345,
+        "icv": 1523456.4,
         "ses": 2,
         "etiv": 1987,
         "nwbv": 0.6963,
@@ -215,6 +219,8 @@ def test_render_all_fields_exactly() -> None:
         "The patient has 16 years of education. The socioeconomic status is 2. "
         "The MMSE score is 29. The CDR global score is 0.5. The CDR sum of boxes is 1.5. "
         "The logical memory delayed recall score is 12. "
+        "The ventricular volume is 41,234 mm3. The hippocampal volume is 6,812 mm3. "
+        "The whole brain volume is 1,012,345 mm3. The intracranial volume is 1,523,456 mm3. "
         "The estimated total intracranial volume is 1987 cm3. "
         "The normalized whole brain volume is 0.696. The atlas scaling factor is 0.883. "
         "The apoe4 alleles is 1. Lives with spouse."
@@ -380,10 +386,14 @@ def test_adnimerge_matches_nearest_visit_within_180_days(tmp_path: Path) -> None
         "mmse": 28,
         "cdr_sb": 0,
         "logical_memory": 14,
+        "ventricles": 118233,
     }
+    assert "The ventricular volume is 118,233 mm3." in render_text(bl.fields)
     m06 = records["I20001"]
     assert m06.visit == "m06" and m06.diagnosis == "MCI"
     assert m06.fields["age"] == pytest.approx(85.4) and "mmse" not in m06.fields
+    # An empty Ventricles cell (FreeSurfer failed or no MRI): no field, no sentence.
+    assert "ventricles" not in m06.fields and "ventricular" not in render_text(m06.fields)
     assert records["I60001"].diagnosis == "MCI" and records["I60001"].visit == "m48"
 
     far = next(r for n, r in rejects.items() if "I30001" in n)
@@ -394,6 +404,39 @@ def test_adnimerge_matches_nearest_visit_within_180_days(tmp_path: Path) -> None
     assert rejects["I60002"].reason == "missing_image"
     assert len(items) == 7
     assert stats["adnimerge_rows"] == 5 and stats["adnimerge_rows_without_image"] == 1
+
+
+def test_adnimerge_freesurfer_volumes_become_sentences(tmp_path: Path) -> None:
+    images = tmp_path / "ADNI"
+    adni_image(images, "002_S_0295", "2006-04-18_08_20_30.0", "I1")
+    adni_image(images, "002_S_0295", "2007-04-20_08_20_30.0", "I2")
+    adni_image(images, "002_S_0295", "2008-04-21_08_20_30.0", "I3")
+    table = tmp_path / "ADNIMERGE.csv"
+    table.write_text(
+        "PTID,VISCODE,EXAMDATE,DX,AGE,MMSE,Ventricles,Hippocampus,WholeBrain,ICV,Years_bl\n"
+        "002_S_0295,bl,2006-04-18,CN,84.8,28,41234,6812,1012345,1523456,0\n"
+        "002_S_0295,m12,2007-04-20,CN,84.8,29,43210.0,,1009876.0,1.52e6,1.0\n"
+        "002_S_0295,m24,2008-04-21,MCI,84.8,27,,,,,2.0\n"
+    )
+    records = {r.image_id: r for r in read_source("adnimerge", table, images)}
+    assert {k: records["I1"].fields[k] for k in ("ventricles", "hippocampus", "icv")} == {
+        "ventricles": 41234,
+        "hippocampus": 6812,
+        "icv": 1523456,
+    }
+    text = render_text(records["I1"].fields)
+    assert text == (
+        "The patient is 84.8 years old. The MMSE score is 28. "
+        "The ventricular volume is 41,234 mm3. The hippocampal volume is 6,812 mm3. "
+        "The whole brain volume is 1,012,345 mm3. The intracranial volume is 1,523,456 mm3."
+    )
+    text = render_text(records["I2"].fields)
+    assert "The ventricular volume is 43,210 mm3." in text and "hippocampal" not in text
+    assert "The intracranial volume is 1,520,000 mm3." in text and ".0" not in text
+    text = render_text(records["I3"].fields)
+    assert text == "The patient is 86.8 years old. The MMSE score is 27."
+    for word in ("ventricular", "hippocampal", "brain", "intracranial", "nan", "None"):
+        assert word not in text
 
 
 def test_adnimerge_older_dx_codes() -> None:

@@ -11,16 +11,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from shards.ad_tables import ADNI_REQUIRED, OASIS_REQUIRED, AdRecord, read_source
+from shards.clinical import render_text
 from shards.synthetic_ad import (
+    Latents,
     build_anatomy,
     generate_ad_cohort,
     mni_template_path,
     read_sources_file,
     synth_volume,
 )
-from shards.volume import load_volume
+from shards.volume import load_volume, read_canonical
 
 SHAPE = (24, 28, 24)
 
@@ -117,6 +121,144 @@ def test_generic_tables_have_label_dependent_scores_and_missingness(cohort) -> N
         "ad",
         "FTD",
     }
+
+
+def spearman(a, b) -> float:
+    ranks = [np.argsort(np.argsort(np.asarray(x, dtype=float))) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def measure(path: Path) -> tuple[float, float]:
+    """(ventricle volume, head volume) in world mm3, crudely, from a volume as the reader gives
+    it: dark voxels deep inside the head, and the head with its holes filled. Independent of
+    pose, orientation, spacing and intensity scale."""
+    data, zooms = read_canonical(path)
+    lo, hi = np.percentile(data, [0.5, 99.5])
+    scaled = torch.from_numpy((data - lo) / (hi - lo))
+    head = scaled > 0.15
+    filled = torch.ones_like(head)
+    for axis in range(3):  # inside = head on both sides along every axis (fills the ventricles)
+        for flip in (False, True):
+            h = head.flip(axis) if flip else head
+            seen = torch.cummax(h.int(), dim=axis).values.bool()
+            filled &= seen.flip(axis) if flip else seen
+    interior = -F.max_pool3d(-filled[None, None].float(), 5, 1, 2)[0, 0] > 0  # eroded by 2
+    voxel = float(np.prod(zooms))
+    return float((interior & (scaled < 0.3)).sum()) * voxel, float(filled.sum()) * voxel
+
+
+def records_of(cohort: tuple[Path, list], fmt: str) -> list[AdRecord]:
+    """The records of one format whose volume was written intact (the corrupt ones dropped)."""
+    root, sources = cohort
+    bad = {c["image_path"] for c in json.loads((root / "corruptions.json").read_text())}
+    return [
+        r
+        for f, table, images in sources
+        if f == fmt
+        for r in read_source(f, table, images)
+        if isinstance(r, AdRecord) and str(r.image_path) not in bad
+    ]
+
+
+def test_adni_freesurfer_volumes_are_measured_from_the_written_volume(cohort) -> None:
+    root, sources = cohort
+    records = [r for r in records_of(cohort, "adnimerge") if "ventricles" in r.fields]
+    assert len(records) >= 12
+    dark, head = zip(*(measure(r.image_path) for r in records), strict=True)
+    ventricles = [r.fields["ventricles"] for r in records]
+    icv = [r.fields["icv"] for r in records]
+    assert spearman(ventricles, dark) > 0.8, (ventricles, dark)
+    assert np.corrcoef(ventricles, dark)[0, 1] > 0.8
+    assert spearman(icv, head) > 0.8, (icv, head)
+    # Relative to head size, the hippocampus shrinks and the brain loses tissue with the load.
+    relative = [
+        (r.fields["hippocampus"] / r.fields["icv"], d / h)
+        for r, d, h in zip(records, dark, head, strict=True)
+        if "hippocampus" in r.fields
+    ]
+    assert spearman(*zip(*relative, strict=True)) < -0.5
+    whole_brain = [r.fields["whole_brain"] / r.fields["icv"] for r in records]
+    assert spearman(whole_brain, np.divide(dark, head)) < -0.6
+
+    rows = table_rows(root / "ADNI" / "ADNIMERGE.csv")
+    columns = ("Ventricles", "Hippocampus", "WholeBrain", "ICV")
+    values = {c: np.array([float(r[c]) for r in rows if r[c]]) for c in columns}
+    assert 8e3 < values["Ventricles"].min() and values["Ventricles"].max() < 2.2e5
+    assert 3.5e3 < values["Hippocampus"].min() and values["Hippocampus"].max() < 1.0e4
+    assert 6.5e5 < values["WholeBrain"].min() and values["WholeBrain"].max() < 1.45e6
+    assert 1.05e6 < values["ICV"].min() and values["ICV"].max() < 2.05e6
+    assert all(float(v).is_integer() for v in values["ICV"])
+    # Measured from an MRI: empty at clinic-only visits (and where FreeSurfer failed).
+    assert all(r["Ventricles"] == "" for r in rows if r["DX"] == "")  # no MRI at these
+    imaged = records_of(cohort, "adnimerge")
+    assert len(records) >= 0.65 * len(imaged)  # FreeSurfer fails QC now and then (~10%)
+    # Every ADNI record with a ventricle volume says it, one without does not.
+    for r in imaged:
+        text = render_text(r.fields)
+        assert ("The ventricular volume is " in text) == ("ventricles" in r.fields), text
+
+
+def test_oasis_etiv_and_nwbv_come_from_the_scan(cohort) -> None:
+    root, sources = cohort
+    records = records_of(cohort, "oasis2")
+    head = [measure(r.image_path)[1] for r in records]
+    etiv = [r.fields["etiv"] for r in records]
+    assert spearman(etiv, head) > 0.8, (etiv, head)
+    rows = table_rows(root / "OASIS-2" / "oasis_longitudinal.csv")
+    etivs, nwbv = (np.array([float(r[c]) for r in rows]) for c in ("eTIV", "nWBV"))
+    assert 1050 < etivs.min() and etivs.max() < 2050 and 0.62 < nwbv.min() and nwbv.max() < 0.86
+    for r in rows:  # ASF is the atlas scaling factor 1755 / eTIV, as published
+        assert float(r["ASF"]) == round(1755.0 / float(r["eTIV"]), 3)
+    by_subject: dict[str, list[float]] = {}
+    for r in rows:  # head size is the subject's: eTIV moves only by measurement error
+        by_subject.setdefault(r["Subject ID"], []).append(float(r["eTIV"]))
+    assert all(max(v) / min(v) < 1.08 for v in by_subject.values())
+    # nWBV falls with disease (CDR) and the image's atrophy: more dark interior, less brain.
+    cdr = [float(r["CDR"]) for r in rows]
+    assert spearman(nwbv, cdr) < -0.4
+    dark = [measure(r.image_path)[0] for r in records]
+    assert spearman([r.fields["nwbv"] for r in records], dark) < -0.6
+
+
+def test_nacc_summaries_describe_the_scan(cohort) -> None:
+    root, sources = cohort
+    grades = ("no significant", "mild", "moderate", "marked")
+    pairs = []
+    for r in records_of(cohort, "generic"):
+        summary = r.fields.get("summary", "")
+        if r.cohort != "NACC" or not summary:
+            continue
+        found = [i for i, g in enumerate(grades) if f"MRI shows {g} ventricular" in summary]
+        if found:
+            pairs.append((found[0], measure(r.image_path)[0]))
+    n_summaries = sum(1 for r in table_rows(root / "NACC" / "clinical.csv") if r["summary"])
+    assert 0.4 * n_summaries <= len(pairs) <= 0.95 * n_summaries
+    assert spearman(*zip(*pairs, strict=True)) > 0.6, pairs
+    for cohort_name in ("AIBL", "MIRIAD"):
+        with open(root / cohort_name / "clinical.csv") as fh:
+            assert "MRI" not in fh.read()
+
+
+def test_latents_fix_the_anatomy_whatever_the_pose(tmp_path: Path) -> None:
+    anatomy = build_anatomy("mni", (32, 38, 32))
+    cases = {
+        "nc": Latents(load_noise=-0.5, atrophy_noise=0.0, head_scale=0.95),
+        "ad": Latents(load_noise=1.5, atrophy_noise=0.1, head_scale=0.95),
+        "big": Latents(load_noise=-0.5, atrophy_noise=0.0, head_scale=1.05),
+    }
+    dark: dict[str, list[float]] = {}
+    head: dict[str, list[float]] = {}
+    for name, latents in cases.items():
+        for seed in range(3):  # another pose, spacing, intensity and noise each time
+            rng = np.random.default_rng(seed)
+            data, affine = synth_volume(anatomy, 0.5, 72.0, rng, latents=latents)
+            path = tmp_path / f"{name}{seed}.nii"
+            nib.save(nib.Nifti1Image(data, affine), str(path))
+            d, h = measure(path)
+            dark.setdefault(name, []).append(d)
+            head.setdefault(name, []).append(h)
+    assert min(dark["ad"]) > 1.5 * max(dark["nc"]), dark
+    assert min(head["big"]) > 1.15 * max(head["nc"]), head
 
 
 def test_orientations_and_spacings_vary(cohort) -> None:
