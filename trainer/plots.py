@@ -15,24 +15,26 @@ from trainer.metrics_log import read_metrics  # noqa: E402
 
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path:
-    """Every `train/*_loss` and `val/*_loss` series against the step."""
+    """One panel per loss (total, itc, mae, ...), train and val series together, by step."""
     records = read_metrics(metrics_path)
-    series: dict[str, tuple[list[int], list[float]]] = {}
+    panels: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for rec in records:
         for key, value in rec.items():
-            if key.endswith("loss") and isinstance(value, (int, float)):
-                xs, ys = series.setdefault(key, ([], []))
+            if "/" in key and key.endswith("loss") and isinstance(value, (int, float)):
+                split, name = key.split("/", 1)
+                xs, ys = panels.setdefault(name, {}).setdefault(split, ([], []))
                 xs.append(rec["step"])
                 ys.append(value)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, (xs, ys) in sorted(series.items()):
-        ax.plot(xs, ys, marker="o" if key.startswith("val/") else None, ms=3, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Losses")
-    if series:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    names = sorted(panels, key=lambda n: (n != "loss", n)) or ["loss"]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for split, (xs, ys) in sorted(panels.get(name, {}).items()):
+            ax.plot(xs, ys, marker="o" if split != "train" else None, ms=3, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if panels.get(name):
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
