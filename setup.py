@@ -9,7 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["shards", "shards.*", "models", "models.*", "trainer", "trainer.*"]),
+    packages=find_packages(
+        include=["shards", "shards.*", "models", "models.*", "trainer", "trainer.*"]
+    ),
     py_modules=["train"],
     install_requires=[
         "torch>=2.4",

@@ -226,7 +226,9 @@ class AlifuseModel(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) ids and mask -> L2-normalised (B, embed_dim)."""
         self._check_itc()
-        pooled = self.text.pool(self.text.forward_features(input_ids, attention_mask), attention_mask)
+        pooled = self.text.pool(
+            self.text.forward_features(input_ids, attention_mask), attention_mask
+        )
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def no_weight_decay(self) -> set[str]:

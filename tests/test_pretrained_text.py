@@ -32,11 +32,19 @@ def test_pretrained_bert_weights_load_and_lora_trains_only_adapters():
 def test_alifuse_pretrain_step_on_pretrained_text_tower():
     cfg = AlifuseConfig(
         vision=VisionConfig(
-            img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=2,
+            img_size=16,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            decoder_embed_dim=32,
+            decoder_depth=1,
+            decoder_num_heads=2,
         ),
         text=TextConfig(checkpoint=CHECKPOINT, mode="lora", max_length=24),
-        embed_dim=16, cross_layers_image=1, cross_layers_text=1,
+        embed_dim=16,
+        cross_layers_image=1,
+        cross_layers_text=1,
     )
     model = build_model(cfg)
     tokens = model.text.tokenize(["The patient is 74 years old.", "The MMSE score is 22."], 24)
