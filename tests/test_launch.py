@@ -10,6 +10,9 @@ from conftest import launch_cmd, run_cmd, tiny_overrides
 from safetensors.torch import load_file
 from test_train import losses
 
+from models.alifuse import build_model
+from trainer.config import load_config
+
 pytestmark = pytest.mark.distributed
 
 
@@ -55,7 +58,11 @@ def test_zero3_two_processes_trains_and_exports_full_weights(ad_shards, tiny_ber
     launch = json.loads((tmp_path / "launch.json").read_text())
     assert launch["zero_stage"] == 3 and launch["num_processes"] == 2
     weights = load_file(str(tmp_path / "model.safetensors"))
-    assert all(t.numel() > 0 for t in weights.values())  # gathered, not ZeRO-3 placeholders
+    # Gathered full tensors, not ZeRO-3's empty placeholders: every key and shape of the model.
+    reference = build_model(load_config(str(tmp_path / "config.yaml")).model).state_dict()
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        k: tuple(v.shape) for k, v in reference.items()
+    }
     results = json.loads((tmp_path / "results.json").read_text())
     n_test = json.loads((ad_shards / "test" / "manifest.json").read_text())["num_samples"]
     assert results["test"]["n"] == n_test
