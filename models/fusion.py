@@ -1,0 +1,458 @@
+"""Multimodal fusion classifier: a ResNet-style CNN on the image, a recurrent encoder on the
+report / clinical text, and one of three ways of fusing them, then an MLP over classes.
+
+    image (B, C, *spatial) -> CnnEncoder.forward_features -> image tokens (B, N, Ci)
+    input_ids, attention_mask (B, L) -> RnnTextEncoder.forward_features -> text states (B, L, Ht)
+    (image tokens, text states, mask) -> fusion -> fused (B, F) -> head -> logits (B, classes)
+
+Fusion modes (`FusionConfig.mode`):
+
+- early: both token sets projected to `dim`, tagged with a learned modality embedding,
+  concatenated after a CLS token and run through `depth` shared transformer blocks (padded
+  text tokens are masked out as keys); the CLS output is the fused feature, F = dim.
+- late: the pooled image feature (global average) and the pooled text feature (masked mean)
+  concatenated, F = Ci + Ht: the same fusion head as Alifuse's.
+- intermediate: both token sets projected to `dim`, then `depth` rounds in which image tokens
+  attend to text tokens and text tokens attend to image tokens (the project's `CrossBlock`,
+  both directions reading the other stream of the previous round); each stream pooled and
+  concatenated, F = 2 * dim.
+
+CNN tokens carry no position embedding: the convolutions' receptive fields and zero padding
+already encode where a feature is, and every mode pools or attends without needing order.
+
+Text is right-padded (`attention_mask` rows are ones then zeros, each with at least one
+one). The recurrent encoder runs on packed sequences, so padding ids never enter the
+computation, and every mode masks padding out of attention and pooling: logits do not
+depend on what sits in the padded positions or on how much padding there is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from models.attention import Block, CrossBlock, init_vit_weights
+
+# ---- configs --------------------------------------------------------------------------------
+
+
+@dataclass
+class CnnConfig:
+    """ResNet-style image encoder: a stride-4 stem, then one stage per entry of `widths`.
+
+    Stage i has `blocks_per_stage[i]` basic residual blocks of width `widths[i]`; every stage
+    after the first halves the resolution, so the final map is input / (4 * 2 ** (S - 1)).
+    Group norm by default: batch statistics are meaningless at a few samples per rank.
+    """
+
+    spatial_dims: Literal[2, 3] = 3
+    in_chans: int = 1
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    blocks_per_stage: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    norm: Literal["batch", "group"] = "group"
+    norm_groups: int = 8  # group norm only; must divide every width
+
+    def __post_init__(self) -> None:
+        for name in ("in_chans", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ValueError(f"widths={self.widths}: expected a non-empty list of values >= 1")
+        if len(self.blocks_per_stage) != len(self.widths) or any(
+            n < 1 for n in self.blocks_per_stage
+        ):
+            raise ValueError(
+                f"blocks_per_stage={self.blocks_per_stage}: expected one value >= 1 per stage "
+                f"of widths={self.widths}"
+            )
+        if self.norm == "group" and any(w % self.norm_groups for w in self.widths):
+            raise ValueError(
+                f"norm_groups={self.norm_groups}: expected a divisor of every width in "
+                f"widths={self.widths}"
+            )
+
+
+@dataclass
+class RnnTextConfig:
+    """Recurrent text encoder: token embedding, then a (bi)directional GRU or LSTM."""
+
+    vocab_size: int = 30522  # the BERT uncased WordPiece vocabulary
+    embed_dim: int = 256
+    hidden_size: int = 256  # per direction; the output width doubles when bidirectional
+    num_layers: int = 2
+    cell: Literal["gru", "lstm"] = "gru"
+    bidirectional: bool = True
+    dropout: float = 0.1  # on the embeddings and between recurrent layers
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}: expected a value in [0, 1)")
+
+    @property
+    def out_dim(self) -> int:
+        return self.hidden_size * (2 if self.bidirectional else 1)
+
+
+@dataclass
+class FusionConfig:
+    """The fusion classifier: both encoders, the fusion mode, the head, the loss weight."""
+
+    task: Literal["classify"] = "classify"  # the only task; the trainer reads `model.task`
+    image: CnnConfig = field(default_factory=CnnConfig)
+    text: RnnTextConfig = field(default_factory=RnnTextConfig)
+    mode: Literal["early", "late", "intermediate"] = "intermediate"
+    dim: int = 256  # shared width of early / intermediate fusion
+    num_heads: int = 8
+    depth: int = 2  # transformer blocks (early) or cross-attention rounds (intermediate)
+    mlp_ratio: float = 4.0  # of the transformer and cross-attention blocks
+    num_classes: int = 3
+    hidden: int = 512  # the classifier MLP's hidden width
+    dropout: float = 0.1  # in the classifier MLP
+    cls_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_heads", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"num_heads={self.num_heads}: expected a divisor of dim={self.dim}")
+        min_depth = 0 if self.mode == "late" else 1
+        if self.depth < min_depth:
+            raise ValueError(f"depth={self.depth}: expected >= {min_depth} with mode={self.mode}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio}: expected > 0")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes={self.num_classes}: expected >= 2")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}: expected a value in [0, 1)")
+        if self.cls_weight <= 0:
+            raise ValueError(f"cls_weight={self.cls_weight}: expected > 0 (the only objective)")
+
+
+# ---- pooling --------------------------------------------------------------------------------
+
+
+def masked_mean(h: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, L, H), (B, L) 1 = token, 0 = padding -> (B, H): the mean over real tokens."""
+    keep = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
+    return (h * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+# ---- image encoder --------------------------------------------------------------------------
+
+
+def _norm_factory(cfg: CnnConfig) -> Callable[[int], nn.Module]:
+    """Channels -> a norm layer of the configured kind for 2D or 3D feature maps."""
+    if cfg.norm == "group":
+        return lambda ch: nn.GroupNorm(cfg.norm_groups, ch)
+    return nn.BatchNorm2d if cfg.spatial_dims == 2 else nn.BatchNorm3d
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: relu(x' + norm(conv3(relu(norm(conv3(x)))))), 2D or 3D.
+
+    The shortcut x' is x, or a strided 1x1 conv + norm where the block changes width or
+    resolution. The last norm's scale starts at zero, so a new block is the identity on its
+    residual path (timm's `zero_init_last`), which helps deep stacks train from scratch.
+    """
+
+    def __init__(
+        self,
+        conv: type[nn.Module],
+        norm: Callable[[int], nn.Module],
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.norm1 = norm(out_ch)
+        self.conv2 = conv(out_ch, out_ch, kernel_size=3, padding=1, bias=False)
+        self.norm2 = norm(out_ch)
+        self.act = nn.ReLU(inplace=True)
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                conv(in_ch, out_ch, kernel_size=1, stride=stride, bias=False), norm(out_ch)
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_ch, *S) -> (B, out_ch, *S / stride)."""
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
+class CnnEncoder(nn.Module):
+    """ResNet-style encoder for 2D images or 3D volumes (Conv2d or Conv3d from the config).
+
+    Interface (timm): `forward_features` -> tokens (B, N, C), the final feature map
+    flattened in row-major order; `pool` -> (B, C), their global average.
+    """
+
+    def __init__(self, cfg: CnnConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_features = cfg.widths[-1]
+        conv = nn.Conv2d if cfg.spatial_dims == 2 else nn.Conv3d
+        pool = nn.MaxPool2d if cfg.spatial_dims == 2 else nn.MaxPool3d
+        norm = _norm_factory(cfg)
+        self.stem = nn.Sequential(
+            conv(cfg.in_chans, cfg.widths[0], kernel_size=7, stride=2, padding=3, bias=False),
+            norm(cfg.widths[0]),
+            nn.ReLU(inplace=True),
+            pool(kernel_size=3, stride=2, padding=1),
+        )
+        stages, in_ch = [], cfg.widths[0]
+        for i, (width, n_blocks) in enumerate(zip(cfg.widths, cfg.blocks_per_stage, strict=True)):
+            blocks = []
+            for j in range(n_blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(BasicBlock(conv, norm, in_ch, width, stride))
+                in_ch = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm3d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.norm2.weight)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, in_chans, *spatial) -> tokens (B, N, C), N the final map's voxel count."""
+        if x.ndim != 2 + self.cfg.spatial_dims:
+            raise ValueError(
+                f"image of shape {tuple(x.shape)}: expected (B, C) + {self.cfg.spatial_dims} "
+                "spatial dims"
+            )
+        weight = self.stem[0].weight
+        x = self.stages(self.stem(x.to(weight.dtype)))  # (B, C, *S')
+        return x.flatten(2).transpose(1, 2)
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """(B, N, C) -> (B, C): global average."""
+        return tokens.mean(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_chans, *spatial) -> (B, C)."""
+        return self.pool(self.forward_features(x))
+
+
+# ---- text encoder ---------------------------------------------------------------------------
+
+
+class RnnTextEncoder(nn.Module):
+    """Token embedding + GRU / LSTM over packed right-padded sequences.
+
+    `forward_features` -> states (B, L, H) with zeros at padded positions, H = `out_dim`
+    (hidden_size, doubled when bidirectional); `pool` -> (B, H), the masked mean.
+    """
+
+    def __init__(self, cfg: RnnTextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.out_dim = cfg.out_dim
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        rnn = nn.GRU if cfg.cell == "gru" else nn.LSTM
+        self.rnn = rnn(
+            cfg.embed_dim,
+            cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            batch_first=True,
+            bidirectional=cfg.bidirectional,
+            # torch applies it between layers only, and warns when there is a single layer
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+        )
+
+    @staticmethod
+    def lengths(attention_mask: Tensor) -> Tensor:
+        """(B, L) right-padded mask -> lengths (B,) int64 on the CPU, as packing wants them.
+
+        Raises ValueError for an empty row or a mask that is not ones-then-zeros: both would
+        be silently misread by packing.
+        """
+        mask = attention_mask.bool()
+        lengths = mask.sum(1)
+        right_padded = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
+        lengths = lengths.cpu()
+        if int(lengths.min()) < 1:
+            raise ValueError("attention_mask: every row needs at least one real token")
+        if not torch.equal(mask, right_padded):
+            raise ValueError("attention_mask: expected right padding (ones, then zeros)")
+        return lengths
+
+    def forward_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) ids and (B, L) mask -> states (B, L, out_dim), zero at padding."""
+        lengths = self.lengths(attention_mask)
+        x = self.drop(self.embed(input_ids))  # (B, L, E)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        h, _ = pad_packed_sequence(out, batch_first=True, total_length=input_ids.shape[1])
+        return h
+
+    def pool(self, h: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L, H), (B, L) -> (B, H): the mean over non-padding tokens."""
+        return masked_mean(h, attention_mask)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) ids and mask -> (B, out_dim)."""
+        return self.pool(self.forward_features(input_ids, attention_mask), attention_mask)
+
+
+# ---- fusion ---------------------------------------------------------------------------------
+
+
+class MaskedBlock(Block):
+    """The project's `Block` with a key padding mask handed to its attention."""
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """x (B, T, dim), key_padding_mask (B, T) True = attendable -> (B, T, dim)."""
+        x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class EarlyFusion(nn.Module):
+    """[CLS, image tokens, text tokens] in `dim` through shared blocks -> CLS (B, dim)."""
+
+    def __init__(self, image_dim: int, text_dim: int, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.out_dim = cfg.dim
+        self.image_proj = nn.Linear(image_dim, cfg.dim)
+        self.text_proj = nn.Linear(text_dim, cfg.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.image_type = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.text_type = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.blocks = nn.ModuleList(
+            MaskedBlock(cfg.dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.apply(init_vit_weights)
+        for p in (self.cls_token, self.image_type, self.text_type):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, image_tokens: Tensor, text_states: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, N, Ci), (B, L, Ht), (B, L) -> (B, dim)."""
+        img = self.image_proj(image_tokens) + self.image_type  # (B, N, dim)
+        txt = self.text_proj(text_states) + self.text_type  # (B, L, dim)
+        cls = self.cls_token.expand(img.shape[0], -1, -1)
+        x = torch.cat([cls, img, txt], dim=1)  # (B, 1 + N + L, dim)
+        keep = torch.cat(
+            [attention_mask.new_ones(img.shape[0], 1 + img.shape[1]), attention_mask], dim=1
+        ).bool()  # (B, 1 + N + L)
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.norm(x[:, 0])
+
+
+class LateFusion(nn.Module):
+    """[global-average image feature, masked-mean text feature] -> (B, Ci + Ht)."""
+
+    def __init__(self, image_dim: int, text_dim: int, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.out_dim = image_dim + text_dim
+
+    def forward(self, image_tokens: Tensor, text_states: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, N, Ci), (B, L, Ht), (B, L) -> (B, Ci + Ht)."""
+        return torch.cat([image_tokens.mean(1), masked_mean(text_states, attention_mask)], -1)
+
+
+class IntermediateFusion(nn.Module):
+    """Image and text tokens in `dim` attend to each other for `depth` rounds, then pooled
+    and concatenated -> (B, 2 * dim).
+
+    The CrossBlocks' gates start at zero (see `CrossBlock`): at initialisation this is late
+    fusion of the projected tokens, and cross-modal exchange opens as training asks for it.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.out_dim = 2 * cfg.dim
+        self.image_proj = nn.Linear(image_dim, cfg.dim)
+        self.text_proj = nn.Linear(text_dim, cfg.dim)
+        self.image_cross = nn.ModuleList(  # image queries, text keys and values
+            CrossBlock(cfg.dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio) for _ in range(cfg.depth)
+        )
+        self.text_cross = nn.ModuleList(  # text queries, image keys and values
+            CrossBlock(cfg.dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio) for _ in range(cfg.depth)
+        )
+        self.image_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.text_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.apply(init_vit_weights)
+
+    def forward(self, image_tokens: Tensor, text_states: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, N, Ci), (B, L, Ht), (B, L) -> (B, 2 * dim)."""
+        img = self.image_proj(image_tokens)  # (B, N, dim)
+        txt = self.text_proj(text_states)  # (B, L, dim)
+        keep = attention_mask.bool()
+        for image_cross, text_cross in zip(self.image_cross, self.text_cross, strict=True):
+            # Padded text rows are queries too, but masked out as keys and in the pooling.
+            img, txt = image_cross(img, txt, keep), text_cross(txt, img)
+        pooled_img = self.image_norm(img).mean(1)
+        pooled_txt = masked_mean(self.text_norm(txt), attention_mask)
+        return torch.cat([pooled_img, pooled_txt], dim=-1)
+
+
+FUSIONS: dict[str, type[nn.Module]] = {
+    "early": EarlyFusion,
+    "late": LateFusion,
+    "intermediate": IntermediateFusion,
+}
+
+
+# ---- the composed model ---------------------------------------------------------------------
+
+
+class FusionModel(nn.Module):
+    """Image + text -> class. Parts: `image` (CnnEncoder), `text` (RnnTextEncoder), `fusion`
+    (the configured mode's module), `head` (MLP over the fused feature)."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image = CnnEncoder(cfg.image)
+        self.text = RnnTextEncoder(cfg.text)
+        self.fusion = FUSIONS[cfg.mode](self.image.num_features, self.text.out_dim, cfg)
+        self.head = nn.Sequential(
+            nn.Linear(self.fusion.out_dim, cfg.hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity(),
+            nn.Linear(cfg.hidden, cfg.num_classes),
+        )
+        self.head.apply(init_vit_weights)
+
+    def forward_logits(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """image (B, C, *spatial), input_ids and attention_mask (B, L) -> logits (B, classes)."""
+        image_tokens = self.image.forward_features(image)  # (B, N, Ci)
+        text_states = self.text.forward_features(input_ids, attention_mask)  # (B, L, Ht)
+        return self.head(self.fusion(image_tokens, text_states, attention_mask))
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """batch: image (B, C, *spatial), input_ids (B, L), attention_mask (B, L), label (B,);
+        other keys are ignored. -> cls_loss (cross-entropy times cls_weight), logits (B, K)."""
+        logits = self.forward_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        return {"cls_loss": self.cfg.cls_weight * loss, "logits": logits}
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay: tokens, modality embeddings, norms, biases,
+        gates."""
+        named = {"fusion.cls_token", "fusion.image_type", "fusion.text_type"}
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in named}
