@@ -1,5 +1,8 @@
 """AD records -> WebDataset tar shards per split, with manifests, a reject log and a report.
 
+The pieces every shard writer shares live here too (ShardSink, parallel_map, safe_key,
+clear_old_shards, write_rejects); shards/mimic_cxr.py writes the chest X-ray shards with them.
+
 Sample format "medalign-ad-v1" (the shard reader depends on it):
   __key__   <cohort>_<subject>_<image_id>, characters outside [A-Za-z0-9_-] replaced by "_"
   vol.npy   float16 (S, S, S) RAS volume in [0, 1]
@@ -18,7 +21,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +43,15 @@ PROGRESS_MIN = 50  # show a progress bar from this many volumes per split
 Source = Sequence[Any]  # (fmt, table, images_root) or (fmt, table, images_root, cohort)
 
 
+def safe_key(text: str) -> str:
+    """A shard key: characters outside [A-Za-z0-9_-] become "_" (webdataset splits a member
+    name into key and extension at the first dot, and a slash would make a folder)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
 def sample_key(cohort: str, subject: str, image_id: str) -> str:
-    """The shard key: no dots (webdataset splits keys from extensions at the first dot)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{cohort}_{subject}_{image_id}")
+    """The AD shard key <cohort>_<subject>_<image_id>."""
+    return safe_key(f"{cohort}_{subject}_{image_id}")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -68,20 +77,30 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _volumes(
-    jobs: list[tuple[str, int]], workers: int
-) -> Iterator[tuple[str, bytes | None, str, str]]:
+def parallel_map(
+    fn: Callable[[Any], Any],
+    jobs: list[Any],
+    workers: int,
+    initializer: Callable[[], None] | None = _init_worker,
+) -> Iterator[Any]:
+    """``map(fn, jobs)`` in input order, over ``workers`` spawned processes when > 1.
+
+    ``fn`` must be a module-level function (it is pickled by name for the workers).
+    """
     if workers <= 1:
-        yield from map(_preprocess, jobs)
+        yield from map(fn, jobs)
         return
     # spawn: forking a parent that already ran OpenMP (torch) can hang the children.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(_preprocess, jobs, chunksize=1)
+    with ctx.Pool(workers, initializer=initializer) as pool:
+        yield from pool.imap(fn, jobs, chunksize=1)
 
 
-class _ShardSink:
-    """Writes numbered tar shards of at most ``per_shard`` samples and records their digests."""
+class ShardSink:
+    """Writes numbered tar shards <split>-NNNNNN.tar of at most ``per_shard`` samples each.
+
+    ``close`` returns one entry per shard: name, num_samples, bytes, sha256.
+    """
 
     def __init__(self, folder: Path, split: str, per_shard: int) -> None:
         self.folder, self.split, self.per_shard = folder, split, per_shard
@@ -159,6 +178,16 @@ def _collect(
     return kept, rejects, records_in, stats
 
 
+def write_rejects(path: Path, rejects: Iterable[Reject]) -> None:
+    """One JSON object per line: source (file or table:line), reason code, detail."""
+    with open(path, "w") as fh:
+        for rej in rejects:
+            fh.write(
+                json.dumps({"source": rej.source, "reason": rej.reason, "detail": rej.detail})
+                + "\n"
+            )
+
+
 def _sample(rec: AdRecord, text: str, split: str, volume: bytes) -> dict[str, Any]:
     meta = {
         "subject": rec.subject,
@@ -180,7 +209,8 @@ def _sample(rec: AdRecord, text: str, split: str, volume: bytes) -> dict[str, An
     }
 
 
-def _clear_old_shards(folder: Path, split: str) -> None:
+def clear_old_shards(folder: Path, split: str) -> None:
+    """Delete <split>-NNNNNN.tar files an earlier run left, so the manifest lists all there is."""
     stale = sorted(folder.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     if stale:
         log.warning("removing %d shards of an earlier run in %s", len(stale), folder)
@@ -200,18 +230,18 @@ def _write_split(
 ) -> dict[str, Any]:
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
-    _clear_old_shards(folder, split)
+    clear_old_shards(folder, split)
     # Sort first so the shuffle depends on the seed only, not on the order of the sources.
     items = sorted(items, key=lambda it: sample_key(it[0].cohort, it[0].subject, it[0].image_id))
     random.Random(f"{seed}|{split}").shuffle(items)
-    sink = _ShardSink(folder, split, samples_per_shard)
+    sink = ShardSink(folder, split, samples_per_shard)
     jobs = [(str(rec.image_path), size) for rec, _ in items]
     bar = tqdm(
         total=len(items), desc=f"{split} volumes", unit="vol", disable=len(items) < PROGRESS_MIN
     )
     written = 0
     for (rec, text), (path, volume, reason, detail) in zip(
-        items, _volumes(jobs, workers), strict=True
+        items, parallel_map(_preprocess, jobs, workers), strict=True
     ):
         bar.update()
         if volume is None:
@@ -281,12 +311,7 @@ def write_ad_shards(
         )
         for split in SPLITS
     }
-    with open(out / "rejects.jsonl", "w") as fh:
-        for rej in rejects:
-            fh.write(
-                json.dumps({"source": rej.source, "reason": rej.reason, "detail": rej.detail})
-                + "\n"
-            )
+    write_rejects(out / "rejects.jsonl", rejects)
 
     written = {split: manifests[split]["num_samples"] for split in SPLITS}
     written["total"] = sum(written.values())

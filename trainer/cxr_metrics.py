@@ -16,23 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
+from shards.chexpert import LABEL_NAMES
+
 # The CheXpert labeler's columns, in the order of mimic-cxr-2.0.0-chexpert.csv.
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Enlarged Cardiomediastinum",
-    "Fracture",
-    "Lung Lesion",
-    "Lung Opacity",
-    "No Finding",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-)
+CHEXPERT_LABELS: tuple[str, ...] = LABEL_NAMES  # the CSV's column order, defined once
 
 # Bootstrap chunks hold about this many (resample, row) weights at once (float64: 32 MiB).
 _CHUNK_ELEMENTS = 1 << 22
