@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import CrossBlock, init_vit_weights
+from models.heads import MultiLabelConfig, MultiLabelModel
 from models.losses import ClipLoss, mlm_loss
 from models.mae import MAEDecoder, mae_loss, patchify
 from models.text import TextConfig, TextTower, build_text_tower
@@ -52,9 +53,12 @@ from models.vit import VisionConfig, VisionTransformer
 class AlifuseConfig:
     """The composed model: towers, fusion, ITC settings and the weight of each objective."""
 
-    task: Literal["pretrain", "classify"] = "pretrain"
+    # pretrain: ITC + MAE + MLM; classify: fusion classifier (image + text -> one class);
+    # multilabel: image-only multi-label heads (models/heads.py, e.g. the 14 CheXpert labels).
+    task: Literal["pretrain", "classify", "multilabel"] = "pretrain"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    multilabel: MultiLabelConfig = field(default_factory=MultiLabelConfig)
     embed_dim: int = 256  # ITC projection size
     cross_layers_image: int = 2  # last N ViT blocks get an inserted cross-attention
     cross_layers_text: int = 2  # last N BERT layers get an inserted cross-attention
@@ -172,6 +176,11 @@ class AlifuseModel(nn.Module):
         self.image_split = v.depth - n_img + 1 if n_img else v.depth
         self.text_split = n_text_layers - n_txt + 1 if n_txt else n_text_layers
         self.max_log_scale = math.log(cfg.max_logit_scale)
+
+    @property
+    def tokenizer(self):
+        """The text tower's tokenizer (the reader tokenizes batches with it)."""
+        return self.text.tokenizer
 
     # ---- parts ---------------------------------------------------------------------------
 
@@ -316,6 +325,9 @@ class AlifuseModel(nn.Module):
         return out
 
 
-def build_model(cfg: AlifuseConfig) -> AlifuseModel:
-    """The text tower from `cfg.text` (a local checkpoint), then the composed model."""
+def build_model(cfg: AlifuseConfig) -> AlifuseModel | MultiLabelModel:
+    """The model for `cfg.task`: the text tower from `cfg.text` (a local checkpoint) and the
+    composed model, or the image-only multi-label model (no text tower)."""
+    if cfg.task == "multilabel":
+        return MultiLabelModel(cfg.vision, cfg.multilabel, loss_weight=cfg.cls_weight)
     return AlifuseModel(cfg, build_text_tower(cfg.text))

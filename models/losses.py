@@ -97,3 +97,27 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
     )
     return total / (labels != -100).sum().clamp_min(1)
+
+
+def masked_bce(
+    logits: Tensor, targets: Tensor, mask: Tensor | None = None, pos_weight: Tensor | None = None
+) -> Tensor:
+    """BCE-with-logits averaged over unmasked entries; 0 (still attached to the graph) if none.
+
+    logits, targets, mask: (N, L); pos_weight (L,) multiplies the positive term per label.
+    Masked targets may hold anything (-1, NaN): they are replaced before the loss is formed,
+    so neither they nor the masked logits reach the value or the gradient.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
+    keep = (
+        torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(logits.device) != 0
+    )
+    if keep.shape != logits.shape:
+        raise ValueError(f"mask {tuple(keep.shape)} must match logits {tuple(logits.shape)}")
+    safe_targets = torch.where(keep, targets.to(logits.dtype), 0.0)
+    safe_logits = torch.where(keep, logits, 0.0)
+    loss = F.binary_cross_entropy_with_logits(
+        safe_logits, safe_targets, pos_weight=pos_weight, reduction="none"
+    )
+    return torch.where(keep, loss, 0.0).sum() / keep.sum().clamp(min=1)

@@ -44,12 +44,13 @@ class TrainConfig:
     init_from: str = ""  # run folder or .safetensors whose weights start this run (fine-tuning)
     eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated at the end
     progress: bool = True
+    bootstrap: int = 1000  # resamples for the multi-label AUROC confidence intervals (0: none)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        for name in ("eval_every", "save_every", "keep_last"):
+        for name in ("eval_every", "save_every", "keep_last", "bootstrap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
         if self.grad_clip < 0:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
+from models.losses import masked_bce  # noqa: F401 - re-exported: the loss the scores pair with
 from shards.chexpert import LABEL_NAMES
 
 # The CheXpert labeler's columns, in the order of mimic-cxr-2.0.0-chexpert.csv.
@@ -260,30 +260,6 @@ def format_table(result: dict[str, Any]) -> str:
         f"{num(result['mauc'])}  {ci(result['mauc_ci']):<14}  {num(result['mean_acc'])}"
     )
     return "\n".join(lines)
-
-
-def masked_bce(
-    logits: Tensor, targets: Tensor, mask: Tensor | None = None, pos_weight: Tensor | None = None
-) -> Tensor:
-    """BCE-with-logits averaged over unmasked entries; 0 (still attached to the graph) if none.
-
-    logits, targets, mask: (N, L); pos_weight (L,) multiplies the positive term per label.
-    Masked targets may hold anything (-1, NaN): they are replaced before the loss is formed,
-    so neither they nor the masked logits reach the value or the gradient.
-    """
-    if logits.shape != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
-    keep = (
-        torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(logits.device) != 0
-    )
-    if keep.shape != logits.shape:
-        raise ValueError(f"mask {tuple(keep.shape)} must match logits {tuple(logits.shape)}")
-    safe_targets = torch.where(keep, targets.to(logits.dtype), 0.0)
-    safe_logits = torch.where(keep, logits, 0.0)
-    loss = F.binary_cross_entropy_with_logits(
-        safe_logits, safe_targets, pos_weight=pos_weight, reduction="none"
-    )
-    return torch.where(keep, loss, 0.0).sum() / keep.sum().clamp(min=1)
 
 
 def label_fraction_indices(n: int, fraction: float, seed: int = 0) -> list[int]:

@@ -15,6 +15,8 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+from trainer.cxr_metrics import multilabel_metrics
+
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
     """ACC, macro-AUC (one-vs-rest), macro-F1, per-class AUC and the confusion matrix.
@@ -42,40 +44,57 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator, move
+    model: torch.nn.Module,
+    loader: Iterable[dict],
+    accelerator: Accelerator,
+    move,
+    tensor_keys: tuple[str, ...] = ("label",),
+    list_keys: tuple[str, ...] = ("cohort", "key"),
 ) -> dict[str, Any]:
-    """Runs the classifier on this rank's share and gathers (logits, labels, cohorts) everywhere."""
+    """Runs the model on this rank's share and gathers logits, `tensor_keys` and `list_keys`
+    of every rank; padding rows (`valid` False) are dropped, so each sample counts once."""
     model.eval()
-    logits, labels, valid, cohorts, keys = [], [], [], [], []
+    tensors: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "valid", *tensor_keys)}
+    lists: dict[str, list] = {k: [] for k in list_keys}
     for batch in loader:
         out = model(move(batch))
-        logits.append(out["logits"].float())
-        labels.append(batch["label"])
-        valid.append(batch["valid"])
-        cohorts += batch["cohort"]
-        keys += batch["key"]
+        tensors["logits"].append(out["logits"].float())
+        for key in ("valid", *tensor_keys):
+            tensors[key].append(batch[key])
+        for key in list_keys:
+            lists[key] += batch[key]
     model.train()
-    logits_t = accelerator.gather(torch.cat(logits).to(accelerator.device)).cpu()
-    labels_t = accelerator.gather(torch.cat(labels).to(accelerator.device)).cpu()
-    valid_t = accelerator.gather(torch.cat(valid).to(accelerator.device)).cpu().bool()
-    cohorts_all = gather_object(cohorts)
-    keys_all = gather_object(keys)
-    keep = valid_t.nonzero().squeeze(1).tolist()
-    return {
-        "logits": logits_t[valid_t],
-        "labels": labels_t[valid_t],
-        "cohorts": [cohorts_all[i] for i in keep],
-        "keys": [keys_all[i] for i in keep],
+    gathered = {
+        k: accelerator.gather(torch.cat(v).to(accelerator.device)).cpu() for k, v in tensors.items()
     }
+    valid = gathered.pop("valid").bool()
+    keep = valid.nonzero().squeeze(1).tolist()
+    result: dict[str, Any] = {k: v[valid] for k, v in gathered.items()}
+    for key, values in lists.items():
+        every = gather_object(values)
+        result[key] = [every[i] for i in keep]
+    return result
 
 
 def score(pred: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """Overall and per-cohort metrics from `predict`'s output."""
-    result = classification_metrics(pred["logits"], pred["labels"], num_classes)
+    result = classification_metrics(pred["logits"], pred["label"], num_classes)
     result["per_cohort"] = {}
-    for cohort in sorted(set(pred["cohorts"])):
-        idx = torch.tensor([i for i, c in enumerate(pred["cohorts"]) if c == cohort])
+    for cohort in sorted(set(pred["cohort"])):
+        idx = torch.tensor([i for i, c in enumerate(pred["cohort"]) if c == cohort])
         result["per_cohort"][cohort] = classification_metrics(
-            pred["logits"][idx], pred["labels"][idx], num_classes
+            pred["logits"][idx], pred["label"][idx], num_classes
         )
     return result
+
+
+def score_multilabel(pred: dict[str, Any], label_names: list[str], n_boot: int) -> dict[str, Any]:
+    """Per-label AUROC and mAUC with bootstrap CIs (images of one study resampled together)."""
+    return multilabel_metrics(
+        pred["logits"].sigmoid(),
+        pred["labels"],
+        pred["label_mask"],
+        labels=label_names,
+        n_boot=n_boot,
+        groups=pred["group"],
+    )

@@ -24,10 +24,10 @@ from shards.reader import LABEL_NAMES, build_eval_loader, build_train_loader
 from trainer import checkpoint as ckpt
 from trainer.config import Config, save_config
 from trainer.distributed import build_accelerator, describe
-from trainer.evaluate import predict, score
+from trainer.evaluate import predict, score, score_multilabel
 from trainer.metrics_log import MetricLogger
 from trainer.optim import build_optimizer, lr_at, set_lr
-from trainer.plots import plot_confusion, plot_losses, plot_roc
+from trainer.plots import plot_confusion, plot_label_auroc, plot_losses, plot_roc
 
 log = logging.getLogger("medalign")
 
@@ -129,20 +129,27 @@ def evaluate(
     )
     if cfg.model.task == "pretrain":
         return eval_losses(model, loader, accelerator, move, cfg.train.seed)
-    pred = predict(model, loader, accelerator, move)
+    out = Path(cfg.train.output_dir)
+    if cfg.model.task == "multilabel":
+        pred = predict(model, loader, accelerator, move, ("labels", "label_mask"), ("group", "key"))
+        names = loader.dataset.shards.label_names
+        result = score_multilabel(pred, names, cfg.train.bootstrap if plots else 0)
+        if plots and accelerator.is_main_process:
+            plot_label_auroc(result, out / f"auroc_{split}.png", f"Per-label AUROC ({split})")
+        return result
+    pred = predict(model, loader, accelerator, move, ("label",), ("cohort", "key"))
     names = LABEL_NAMES[cfg.data.label_mode]
     result = score(pred, cfg.model.num_classes)
     if plots and accelerator.is_main_process:
-        out = Path(cfg.train.output_dir)
-        plot_roc(pred["logits"], pred["labels"], names, out / f"roc_{split}.png", f"ROC ({split})")
+        plot_roc(pred["logits"], pred["label"], names, out / f"roc_{split}.png", f"ROC ({split})")
         plot_confusion(
             result["confusion"], names, out / f"confusion_{split}.png", f"Confusion ({split})"
         )
         with open(out / f"predictions_{split}.jsonl", "w", encoding="utf-8") as fh:
             for key, cohort, label, logits in zip(
-                pred["keys"],
-                pred["cohorts"],
-                pred["labels"].tolist(),
+                pred["key"],
+                pred["cohort"],
+                pred["label"].tolist(),
                 pred["logits"].tolist(),
                 strict=True,
             ):
@@ -179,7 +186,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     set_seed(cfg.train.seed)  # same seed on every rank: identical initial weights
 
     model = build_model(cfg.model)
-    tokenizer = model.text.tokenizer
+    tokenizer = model.tokenizer  # None for image-only models
     if cfg.train.init_from:
         report = ckpt.load_init_weights(model, cfg.train.init_from)
         log.info(

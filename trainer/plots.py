@@ -84,3 +84,28 @@ def plot_confusion(
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return Path(out_path)
+
+
+def plot_label_auroc(result: dict, out_path: str | Path, title: str) -> Path:
+    """Per-label AUROC with its bootstrap interval, and the mean (mAUC) as a line."""
+    names, aucs = result["labels"], result["auroc"]
+    cis = result.get("auroc_ci") or [None] * len(names)
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(names) + 1.2))
+    for i, (auc, ci) in enumerate(zip(aucs, cis, strict=True)):
+        if auc is None:
+            continue
+        err = None if ci is None else [[auc - ci[0]], [ci[1] - auc]]
+        ax.errorbar(auc, i, xerr=err, fmt="o", color="C0", capsize=3)
+    if result.get("mauc") is not None:
+        ax.axvline(result["mauc"], color="C1", ls="--", label=f"mAUC {result['mauc']:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.axvline(0.5, color="k", lw=0.6)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("AUROC")
+    ax.invert_yaxis()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return Path(out_path)

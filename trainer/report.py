@@ -7,12 +7,19 @@ from typing import Any
 from accelerate.state import PartialState
 
 from trainer.config import Config
+from trainer.cxr_metrics import format_table
 
 
 def format_results(results: dict[str, Any], cfg: Config) -> str:
     lines = [f"run folder: {cfg.train.output_dir}"]
     for split, result in results.items():
-        if "acc" in result:
+        if "mauc" in result:
+            ci = result.get("mauc_ci")
+            interval = "" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+            mauc = "n/a" if result["mauc"] is None else f"{result['mauc']:.4f}"
+            lines.append(f"{split}: mAUC {mauc}{interval}  mean ACC {result['mean_acc']:.4f}")
+            lines.append(format_table(result))
+        elif "acc" in result:
             auc = "n/a" if result["auc"] is None else f"{result['auc']:.4f}"
             lines.append(
                 f"{split}: ACC {result['acc']:.4f}  macro-AUC {auc}  F1 {result['f1']:.4f}  "
