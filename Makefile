@@ -7,6 +7,8 @@ PIP := $(VENV)/bin/pip
 # On a machine that already has a CUDA torch, `make venv TORCH_SPEC=` keeps it (use --system-site-packages).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# `make demo VERTICAL=ad` (or cxr) runs one vertical only.
+VERTICAL ?= all
 
 .PHONY: venv demo test lint clean
 
@@ -21,7 +23,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh $(VERTICAL)
 
 test: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests

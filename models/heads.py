@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from models.attention import init_vit_weights
 from models.losses import masked_bce
 from models.vit import VisionTransformer
 
@@ -56,7 +55,9 @@ class MultiLabelModel(nn.Module):
             nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity(),
             nn.Linear(vision_cfg.embed_dim, cfg.num_labels),
         )
-        self.head.apply(init_vit_weights)
+        linear = self.head[-1]
+        nn.init.trunc_normal_(linear.weight, std=0.01)  # MAE's probe initialisation
+        nn.init.zeros_(linear.bias)
 
     def train(self, mode: bool = True) -> MultiLabelModel:
         super().train(mode)

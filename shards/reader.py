@@ -15,9 +15,26 @@ Evaluation stream: every rank reads the split in a fixed order and keeps the sam
 index modulo world size is its rank, then pads with `valid=False` copies so that all ranks
 run the same number of batches (ZeRO-3 needs every rank in every forward).
 
-Batch keys (fixed): image (B, 1, S, S, S) float32, input_ids (B, L), attention_mask (B, L),
-label (B,), valid (B,) bool, key / cohort / split (lists of str), worker and skipped
-(the worker id and its cumulative count of skipped samples, for logging).
+Two shard formats go through this one pipeline; the manifest's "format" picks how a sample is
+decoded and collated (a manifest without "format" is read as medalign-ad-v1). Sampling, rank
+and worker split, resume skipping, resampling and eval padding work on raw tar samples and are
+the same for both. The batch keys are fixed per format:
+
+  medalign-ad-v1 (Alzheimer's volumes, shards/writer.py):
+    image (B, 1, S, S, S) float32, input_ids (B, L) long, attention_mask (B, L) long,
+    label (B,) long (data.label_mode: three_class NC/MCI/AD or binary), valid (B,) bool,
+    key / cohort / split (lists of str), worker, skipped
+
+  medalign-cxr-v1 (chest X-rays, shards/mimic_cxr.py):
+    image (B, 1, S, S) float32 in [0, 1] (8- or 16-bit PNG), input_ids (B, L) long,
+    attention_mask (B, L) long, labels (B, 14) float32 targets and label_mask (B, 14) float32
+    (the 14 CheXpert labels in shards.chexpert.LABEL_NAMES order, after data.labels: the
+    uncertain / blank policy; a loss multiplies its per-label terms by the mask), valid (B,)
+    bool, key / split (lists of str), group (list of str: the study id; images of one study
+    share one report, so retrieval counts any image of the group as a match), worker, skipped
+
+worker and skipped are the worker id and its cumulative count of skipped samples, for logging.
+Eval padding rows (valid=False) repeat the rank's last sample, key and group included.
 """
 
 from __future__ import annotations
@@ -28,8 +45,9 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +56,20 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
+from shards.chexpert import NUM_LABELS as CXR_NUM_LABELS
+from shards.chexpert import LabelPolicyConfig, labels_to_array
+from shards.dicom import decode_png
+
 log = logging.getLogger(__name__)
 
 LABEL_NAMES = {"three_class": ["NC", "MCI", "AD"], "binary": ["NC", "impaired"]}
+
+AD_FORMAT = "medalign-ad-v1"
+CXR_FORMAT = "medalign-cxr-v1"
+# format -> the manifest key holding the image side length
+SIZE_KEYS = {AD_FORMAT: "volume_size", CXR_FORMAT: "image_size"}
+FORMATS = tuple(SIZE_KEYS)
 
 
 @dataclass
@@ -55,7 +84,9 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 256
     resampled: bool = False  # draw shards with replacement per rank instead of splitting them
-    label_mode: Literal["three_class", "binary"] = "three_class"
+    label_mode: Literal["three_class", "binary"] = "three_class"  # medalign-ad-v1 only
+    # medalign-cxr-v1 only: what uncertain (-1) and blank (not mentioned) labels become
+    labels: LabelPolicyConfig = field(default_factory=LabelPolicyConfig)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -74,16 +105,35 @@ class ShardSet:
     folder: Path
     shards: list[tuple[str, int]]  # (tar path, samples)
     num_samples: int
-    volume_size: int | None
+    size: int | None  # side length S of every image (volume_size / image_size), if recorded
+    format: str = AD_FORMAT
+
+    @property
+    def volume_size(self) -> int | None:
+        """The manifest's volume_size (medalign-ad-v1); None for other formats."""
+        return self.size if self.format == AD_FORMAT else None
 
     @classmethod
     def load(cls, folder: str) -> ShardSet:
         path = Path(folder) / "manifest.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path}: no shard manifest; write shards first (scripts/make_ad_shards.py)"
+                f"{path}: no shard manifest; write shards first (scripts/make_ad_shards.py or "
+                "scripts/make_cxr_shards.py)"
             )
         manifest = json.loads(path.read_text())
+        fmt = manifest.get("format", AD_FORMAT)  # manifests before "format" are all AD
+        if fmt not in SIZE_KEYS:
+            raise ValueError(
+                f"{path}: unknown shard format {fmt!r}; this reader knows {', '.join(FORMATS)}"
+            )
+        if fmt == CXR_FORMAT:
+            names = manifest.get("label_names")
+            if names is not None and list(names) != list(CXR_LABEL_NAMES):
+                raise ValueError(
+                    f"{path}: label_names {names} differ from the {CXR_NUM_LABELS} CheXpert "
+                    f"labels this reader expects ({list(CXR_LABEL_NAMES)})"
+                )
         shards = [
             (str(Path(folder) / s["name"]), int(s["num_samples"])) for s in manifest["shards"]
         ]
@@ -92,7 +142,14 @@ class ShardSet:
             raise FileNotFoundError(f"{path} lists shards that do not exist: {missing[:3]}")
         if not shards:
             raise ValueError(f"{path}: the split has no shards")
-        return cls(Path(folder), shards, int(manifest["num_samples"]), manifest.get("volume_size"))
+        size = manifest.get(SIZE_KEYS[fmt])
+        return cls(
+            Path(folder),
+            shards,
+            int(manifest["num_samples"]),
+            None if size is None else int(size),
+            fmt,
+        )
 
 
 class SkipCounter:
@@ -118,9 +175,9 @@ def decode_sample(raw: dict[str, Any], label_mode: str) -> dict[str, Any]:
     """Decodes one tar sample of format medalign-ad-v1; raises ValueError naming what is wrong."""
     key = raw.get("__key__", "?")
     url = raw.get("__url__", "?")
-    for field in ("vol.npy", "txt", "json"):
-        if field not in raw:
-            raise ValueError(f"{url}: sample {key} has no '{field}' member")
+    for member in ("vol.npy", "txt", "json"):
+        if member not in raw:
+            raise ValueError(f"{url}: sample {key} has no '{member}' member")
     volume = np.load(io.BytesIO(raw["vol.npy"]), allow_pickle=False)
     if volume.ndim != 3:
         raise ValueError(f"{url}: sample {key} volume has shape {volume.shape}, expected 3-D")
@@ -145,31 +202,106 @@ def decode_sample(raw: dict[str, Any], label_mode: str) -> dict[str, Any]:
     }
 
 
+_RAW_LABELS = (1.0, 0.0, -1.0)
+
+
+def decode_cxr_sample(
+    raw: dict[str, Any], policy: LabelPolicyConfig, size: int | None = None
+) -> dict[str, Any]:
+    """Decodes one tar sample of format medalign-cxr-v1; raises ValueError naming what is wrong.
+
+    ``policy`` turns the 14 raw labels into (targets, mask); ``size``, when known from the
+    manifest, is the side length every image must have (so one odd image cannot break a batch).
+    """
+    key = raw.get("__key__", "?")
+    url = raw.get("__url__", "?")
+    for name in ("img.png", "txt", "json"):
+        if name not in raw:
+            raise ValueError(f"{url}: sample {key} has no '{name}' member")
+    try:
+        image = decode_png(raw["img.png"])
+    except Exception as exc:
+        raise ValueError(f"{url}: sample {key} img.png cannot be decoded ({exc})") from exc
+    if image.ndim != 2:
+        raise ValueError(f"{url}: sample {key} image has shape {image.shape}, expected 2-D gray")
+    if size is not None and image.shape != (size, size):
+        raise ValueError(
+            f"{url}: sample {key} image has shape {image.shape}, the manifest says {size}x{size}"
+        )
+    text = raw["txt"].decode("utf-8").strip()
+    if not text:
+        raise ValueError(f"{url}: sample {key} has empty text")
+    meta = json.loads(raw["json"])
+    values = meta.get("labels")
+    if not isinstance(values, list) or len(values) != CXR_NUM_LABELS:
+        count = len(values) if isinstance(values, list) else type(values).__name__
+        raise ValueError(f"{url}: sample {key} has {count} labels, expected {CXR_NUM_LABELS}")
+    bad = [
+        v
+        for v in values
+        if v is not None
+        and (isinstance(v, bool) or not isinstance(v, (int, float)) or v not in _RAW_LABELS)
+    ]
+    if bad:
+        raise ValueError(f"{url}: sample {key} labels {bad}: expected 1.0, 0.0, -1.0 or null")
+    study = str(meta.get("study", "")).strip()
+    if not study:
+        raise ValueError(f"{url}: sample {key} has no study id")
+    targets, mask = policy.apply(labels_to_array(values))
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],  # (1,S,S)
+        "text": text,
+        "labels": torch.from_numpy(targets),
+        "label_mask": torch.from_numpy(mask),
+        "key": key,
+        "split": meta.get("split", ""),
+        "group": study,
+    }
+
+
+def sample_decoder(shards: ShardSet, cfg: DataConfig) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """raw tar sample -> decoded sample, for the split's format (picklable for loader workers)."""
+    if shards.format == CXR_FORMAT:
+        return partial(decode_cxr_sample, policy=cfg.labels, size=shards.size)
+    return partial(decode_sample, label_mode=cfg.label_mode)
+
+
 class _Batcher:
     """Collates decoded samples and tokenizes their texts to a fixed length."""
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, fmt: str = AD_FORMAT) -> None:
+        if fmt not in SIZE_KEYS:
+            raise ValueError(f"unknown shard format {fmt!r}: expected one of {FORMATS}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.format = fmt
 
     def __call__(self, samples: list[dict[str, Any]], valid: list[bool]) -> dict[str, Any]:
-        tokens = self.tokenizer(
-            [s["text"] for s in samples],
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {
-            "image": torch.stack([s["image"] for s in samples]),
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-            "valid": torch.tensor(valid, dtype=torch.bool),
-            "key": [s["key"] for s in samples],
-            "cohort": [s["cohort"] for s in samples],
-            "split": [s["split"] for s in samples],
-        }
+        out = {"image": torch.stack([s["image"] for s in samples])}
+        if self.tokenizer is not None:  # image-only models batch no text
+            tokens = self.tokenizer(
+                [s["text"] for s in samples],
+                padding="max_length",
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            out["input_ids"] = tokens["input_ids"]
+            out["attention_mask"] = tokens["attention_mask"]
+        if self.format == CXR_FORMAT:
+            out["labels"] = torch.stack([s["labels"] for s in samples])
+            out["label_mask"] = torch.stack([s["label_mask"] for s in samples])
+        else:
+            out["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        out["valid"] = torch.tensor(valid, dtype=torch.bool)
+        out["key"] = [s["key"] for s in samples]
+        if self.format == CXR_FORMAT:
+            out["split"] = [s["split"] for s in samples]
+            out["group"] = [s["group"] for s in samples]
+        else:
+            out["cohort"] = [s["cohort"] for s in samples]
+            out["split"] = [s["split"] for s in samples]
+        return out
 
 
 def _read_tars(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
@@ -212,7 +344,8 @@ class TrainStream(IterableDataset):
             world_size,
             seed,
         )
-        self.batcher = _Batcher(tokenizer, max_length)
+        self.batcher = _Batcher(tokenizer, max_length, shards.format)
+        self.decode = sample_decoder(shards, cfg)
         self.start_batch = 0
         self.counter = SkipCounter()
         workers = max(1, cfg.num_workers)
@@ -268,7 +401,7 @@ class TrainStream(IterableDataset):
                 skip -= 1
                 continue
             try:
-                batch.append(decode_sample(raw, self.cfg.label_mode))
+                batch.append(self.decode(raw))
             except Exception as err:  # one bad sample never stops a run
                 self.counter.add("undecodable", str(err))
                 continue
@@ -293,7 +426,8 @@ class EvalStream(IterableDataset):
     ) -> None:
         super().__init__()
         self.shards, self.cfg, self.rank, self.world_size = shards, cfg, rank, world_size
-        self.batcher = _Batcher(tokenizer, max_length)
+        self.batcher = _Batcher(tokenizer, max_length, shards.format)
+        self.decode = sample_decoder(shards, cfg)
         self.counter = SkipCounter()
         self.per_rank = -(-shards.num_samples // world_size)
 
@@ -307,7 +441,7 @@ class EvalStream(IterableDataset):
             if index % self.world_size != self.rank:
                 continue
             try:
-                mine.append(decode_sample(raw, self.cfg.label_mode))
+                mine.append(self.decode(raw))
             except Exception as err:
                 self.counter.add("undecodable", str(err))
         if not mine:

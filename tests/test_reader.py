@@ -205,3 +205,28 @@ def test_resampled_draws_are_seeded_per_rank_and_allow_few_shards(tmp_path):
     assert keys(0) == keys(0)  # reproducible
     assert keys(0) != keys(1)  # ranks draw independently
     assert set(keys(0)) <= {f"k{i:05d}" for i in range(6)}
+
+
+def test_manifest_format_and_ad_batch_keys(tmp_path, ad_shards):
+    shards = write_split(tmp_path / "old", n=2, per_shard=2)  # no "format": read as AD
+    assert (shards.format, shards.size, shards.volume_size) == ("medalign-ad-v1", None, None)
+    real = ShardSet.load(str(ad_shards / "train"))  # the writer's manifest names its format
+    assert real.format == "medalign-ad-v1" and real.volume_size == real.size == 16
+    batch = next(iter(EvalStream(real, DataConfig(eval_batch_size=2), WordTokenizer(), 16)))
+    assert set(batch) == {
+        "image",
+        "input_ids",
+        "attention_mask",
+        "label",
+        "valid",
+        "key",
+        "cohort",
+        "split",
+        "worker",
+        "skipped",
+    }
+    assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["label"].dtype == torch.long
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({**manifest, "format": "nifti"}))
+    with pytest.raises(ValueError, match="unknown shard format 'nifti'.*medalign-ad-v1"):
+        ShardSet.load(str(tmp_path / "old"))

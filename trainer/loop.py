@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from models.alifuse import build_model
+from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.reader import LABEL_NAMES, build_eval_loader, build_train_loader
 from trainer import checkpoint as ckpt
 from trainer.config import Config, save_config
@@ -132,7 +133,7 @@ def evaluate(
     out = Path(cfg.train.output_dir)
     if cfg.model.task == "multilabel":
         pred = predict(model, loader, accelerator, move, ("labels", "label_mask"), ("group", "key"))
-        names = loader.dataset.shards.label_names
+        names = list(CXR_LABEL_NAMES)  # the reader checks the manifest against these
         result = score_multilabel(pred, names, cfg.train.bootstrap if plots else 0)
         if plots and accelerator.is_main_process:
             plot_label_auroc(result, out / f"auroc_{split}.png", f"Per-label AUROC ({split})")
