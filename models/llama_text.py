@@ -67,6 +67,8 @@ from transformers import (
     LlamaTokenizer,
 )
 
+from models.text import local_checkpoint
+
 # A LLaMA folder holds its tokenizer in one of these (SentencePiece model or tokenizers JSON);
 # without them AutoTokenizer can silently build one that knows only the special tokens.
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -324,19 +326,7 @@ def build_llama_tower(cfg: LlamaTextConfig, device: str | torch.device | None = 
     so 4-bit weights are quantized there without a full-precision copy; leave it None
     under ZeRO-3, which refuses a device map.
     """
-    if not cfg.checkpoint:
-        raise ValueError(
-            "llama.checkpoint is empty: set it to a local Hugging Face folder of a LLaMA model "
-            "and its tokenizer"
-        )
-    folder = Path(cfg.checkpoint)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"llama.checkpoint={cfg.checkpoint}: not a local folder (the model hub is not used; "
-            "point it to a folder with config.json, the weights and the tokenizer files)"
-        )
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"llama.checkpoint={cfg.checkpoint}: no config.json in the folder")
+    folder = local_checkpoint(cfg.checkpoint, "llama.checkpoint", "a LLaMA model")
     tokenizer = _load_tokenizer(cfg, folder)
     device_map = None if device is None else {"": str(device)}
     model = _load_model(cfg, folder, device_map)

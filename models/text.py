@@ -207,21 +207,29 @@ class TextTower(nn.Module):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def _load(cfg: TextConfig):
-    """(masked-LM model, tokenizer) from the local folder, with errors that name the folder."""
-    if not cfg.checkpoint:
+def local_checkpoint(checkpoint: str, key: str, what: str) -> Path:
+    """The local Hugging Face folder `checkpoint` (config key `key`), or an error naming it.
+
+    The model hub is never used: a hub name such as "bert-base-uncased" is refused.
+    """
+    if not checkpoint:
         raise ValueError(
-            "text.checkpoint is empty: set it to a local Hugging Face folder of a BERT-family "
-            "model and its tokenizer"
+            f"{key} is empty: set it to a local Hugging Face folder of {what} and its tokenizer"
         )
-    folder = Path(cfg.checkpoint)
+    folder = Path(checkpoint)
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"text.checkpoint={cfg.checkpoint}: not a local folder (the model hub is not "
-            "used; point it to a folder with config.json, the weights and the tokenizer files)"
+            f"{key}={checkpoint}: not a local folder (the model hub is not used; point it to "
+            "a folder with config.json, the weights and the tokenizer files)"
         )
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"text.checkpoint={cfg.checkpoint}: no config.json in the folder")
+        raise FileNotFoundError(f"{key}={checkpoint}: no config.json in the folder")
+    return folder
+
+
+def _load(cfg: TextConfig):
+    """(masked-LM model, tokenizer) from the local folder, with errors that name the folder."""
+    folder = local_checkpoint(cfg.checkpoint, "text.checkpoint", "a BERT-family model")
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(
             f"text.checkpoint={cfg.checkpoint}: no tokenizer in the folder "
