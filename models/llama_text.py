@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import prepare_model_for_kbit_training
 from torch import Tensor, nn
 from transformers import (
     AutoModel,
@@ -67,7 +67,7 @@ from transformers import (
     LlamaTokenizer,
 )
 
-from models.text import local_checkpoint
+from models.text import apply_lora, local_checkpoint
 
 # A LLaMA folder holds its tokenizer in one of these (SentencePiece model or tokenizers JSON);
 # without them AutoTokenizer can silently build one that knows only the special tokens.
@@ -354,16 +354,7 @@ def build_llama_tower(cfg: LlamaTextConfig, device: str | torch.device | None = 
             )
         elif cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets),
-        )
-        try:
-            model = get_peft_model(model, lora)  # freezes everything but the LoRA matrices
-        except ValueError as err:
-            raise ValueError(f"llama.lora_targets={cfg.lora_targets}: {err}") from err
+        model = apply_lora(model, cfg, "llama")
     return LlamaTower(model, tokenizer, cfg.mode, cfg.pooling)
 
 

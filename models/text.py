@@ -207,6 +207,23 @@ class TextTower(nn.Module):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def apply_lora(model: nn.Module, cfg, section: str) -> nn.Module:
+    """peft LoRA from `cfg.lora_*` (r, alpha, dropout, targets); everything else is frozen.
+
+    A target that matches no module is an error naming `<section>.lora_targets`.
+    """
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+    )
+    try:
+        return get_peft_model(model, lora)  # freezes everything but the LoRA matrices
+    except ValueError as err:
+        raise ValueError(f"{section}.lora_targets={cfg.lora_targets}: {err}") from err
+
+
 def local_checkpoint(checkpoint: str, key: str, what: str) -> Path:
     """The local Hugging Face folder `checkpoint` (config key `key`), or an error naming it.
 
@@ -292,16 +309,7 @@ def build_text_tower(cfg: TextConfig) -> TextTower:
     if cfg.mode == "frozen":
         model.requires_grad_(False)
     elif cfg.mode == "lora":
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets),
-        )
-        try:
-            model = get_peft_model(model, lora)  # freezes everything but the LoRA matrices
-        except ValueError as err:
-            raise ValueError(f"text.lora_targets={cfg.lora_targets}: {err}") from err
+        model = apply_lora(model, cfg, "text")
     else:
         model.requires_grad_(True)
     return TextTower(model, tokenizer, cfg.mode, cfg.pooling)
