@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 from pydicom.data import get_testdata_file
+from shard_fixtures import read_samples
 
 from shards.chexpert import (
     LABEL_NAMES,
@@ -461,22 +461,6 @@ def test_missing_tables_and_columns_fail_at_start(tmp_path: Path, trees) -> None
 
 
 # --------------------------------------------------------------------------- shards
-
-
-def read_samples(out: Path) -> dict[str, list[dict]]:
-    """All samples per split, read with tarfile (the raw bytes, no decoding help)."""
-    samples: dict[str, list[dict]] = {}
-    for split in SPLITS:
-        rows: dict[str, dict] = {}
-        for tar in sorted((out / split).glob("*.tar")):
-            with tarfile.open(tar) as tf:
-                for member in tf.getmembers():
-                    key, ext = member.name.split(".", 1)
-                    rows.setdefault(key, {"__key__": key, "__shard__": tar.name})[ext] = (
-                        tf.extractfile(member).read()
-                    )
-        samples[split] = list(rows.values())
-    return samples
 
 
 def test_every_record_is_written_rejected_or_filtered(trees, written) -> None:

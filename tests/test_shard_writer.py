@@ -9,13 +9,13 @@ import json
 import re
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+from shard_fixtures import read_samples
 
 from shards.ad_tables import AdRecord, read_source
 from shards.synthetic_ad import generate_ad_cohort
@@ -41,22 +41,6 @@ def written(corrupt_cohort, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ad_shards")
     report = write_ad_shards(sources, out, size=SIZE, samples_per_shard=7, seed=0)
     return out, report
-
-
-def read_samples(out: Path) -> dict[str, list[dict]]:
-    """All samples per split, read with tarfile (the raw bytes, no decoding help)."""
-    samples: dict[str, list[dict]] = {}
-    for split in SPLITS:
-        rows: dict[str, dict] = {}
-        for tar in sorted((out / split).glob("*.tar")):
-            with tarfile.open(tar) as tf:
-                for member in tf.getmembers():
-                    key, ext = member.name.split(".", 1)
-                    rows.setdefault(key, {"__key__": key, "__shard__": tar.name})[ext] = (
-                        tf.extractfile(member).read()
-                    )
-        samples[split] = list(rows.values())
-    return samples
 
 
 def test_every_record_is_written_once_or_rejected(corrupt_cohort, written) -> None:
