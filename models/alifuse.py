@@ -4,8 +4,14 @@ then a fusion classifier over image-grounded and text-grounded features.
 Parts (attribute names are stable across tasks, so pretrained weights load by name):
 
 - `visual`: ViT (2D or 3D) on the MAE-visible tokens.
-- `text`: BERT-family `TextTower` (frozen, LoRA or full).
+- `text`: BERT-family `TextTower` (frozen, LoRA or full), or with `text_tower: llama` a
+  `LlamaTower` (4-bit NF4 + LoRA, LoRA, or frozen; models/llama_text.py). LLaMA is causal
+  and has no MLM head: with it `mlm_weight` is 0 and there are no image-grounded text
+  layers (`cross_layers_text` unused); ITC, grounded MAE and unimodal fusion work.
 - `image_proj`, `text_proj`, `logit_scale`: ITC heads and the learned temperature.
+- `attention_pool` (with `attention_pool.enabled`): the ITC image side becomes the report's
+  tokens attention-pooled over the image's tokens (models/pooling.py), so every (image,
+  report) pair is scored jointly (`PairwiseClipLoss`); `image_proj` is then not built.
 - `image_cross`: CrossBlocks after each of the last `cross_layers_image` ViT blocks; with
   them the ViT is the text-grounded image encoder (image tokens attend to text tokens).
 - `text_cross`: CrossBlocks after each of the last `cross_layers_text` BERT layers; with
@@ -17,7 +23,7 @@ empty), so every trainable parameter receives a gradient every step: DDP needs n
 `find_unused_parameters`, and a run's checkpoint holds no dead weights.
 
     task        objective  built parts
-    pretrain    itc        image_proj, text_proj, logit_scale
+    pretrain    itc        image_proj (or attention_pool), text_proj, logit_scale
     pretrain    mae        image_cross, decoder
     pretrain    mlm        text_cross (and the text tower's MLM head trains in "full" mode)
     classify    cls        fusion_head; image_cross and text_cross if fusion is "grounded"
@@ -43,8 +49,10 @@ from torch import Tensor, nn
 
 from models.attention import CrossBlock, init_vit_weights
 from models.heads import MultiLabelConfig, MultiLabelModel
-from models.losses import ClipLoss, mlm_loss
+from models.llama_text import LlamaTextConfig, LlamaTower, build_llama_tower
+from models.losses import ClipLoss, PairwiseClipLoss, mlm_loss
 from models.mae import MAEDecoder, mae_loss, patchify
+from models.pooling import AttentionPoolConfig, build_attention_pool
 from models.text import TextConfig, TextTower, build_text_tower
 from models.vit import VisionConfig, VisionTransformer
 
@@ -57,7 +65,10 @@ class AlifuseConfig:
     # multilabel: image-only multi-label heads (models/heads.py, e.g. the 14 CheXpert labels).
     task: Literal["pretrain", "classify", "multilabel"] = "pretrain"
     vision: VisionConfig = field(default_factory=VisionConfig)
+    text_tower: Literal["bert", "llama"] = "bert"  # which of `text` / `llama` is the tower
     text: TextConfig = field(default_factory=TextConfig)
+    llama: LlamaTextConfig = field(default_factory=LlamaTextConfig)
+    attention_pool: AttentionPoolConfig = field(default_factory=AttentionPoolConfig)
     multilabel: MultiLabelConfig = field(default_factory=MultiLabelConfig)
     embed_dim: int = 256  # ITC projection size
     cross_layers_image: int = 2  # last N ViT blocks get an inserted cross-attention
@@ -108,12 +119,41 @@ class AlifuseConfig:
             and self.vision.mask_ratio == 0
         ):
             raise ValueError("vision.mask_ratio=0 with mae_weight > 0: MAE needs masked patches")
+        if self.text_tower == "llama":
+            if self.task == "pretrain" and self.mlm_weight:
+                raise ValueError(
+                    f"mlm_weight={self.mlm_weight}: masked text reconstruction needs a masked-LM "
+                    "text tower (text_tower: bert); set mlm_weight: 0 with text_tower: llama"
+                )
+            if self.task == "classify" and self.fusion_features == "grounded":
+                if self.cross_layers_text:
+                    raise ValueError(
+                        f"cross_layers_text={self.cross_layers_text}: the LLaMA tower has no "
+                        "image-grounded text layers; set cross_layers_text: 0"
+                    )
+        pool = self.attention_pool
+        if isinstance(pool, AttentionPoolConfig) and pool.enabled:
+            if self.task != "pretrain" or not self.itc_weight:
+                raise ValueError(
+                    "attention_pool.enabled: the pool is an ITC head; expected task: pretrain "
+                    "with itc_weight > 0"
+                )
+            if pool.out_dim != self.embed_dim:
+                raise ValueError(
+                    f"attention_pool.out_dim={pool.out_dim}: expected embed_dim="
+                    f"{self.embed_dim} (the pooled vector is compared with the text embedding)"
+                )
+
+    @property
+    def text_max_length(self) -> int:
+        """Tokens per text for the configured tower (the reader pads and truncates to it)."""
+        return self.llama.max_length if self.text_tower == "llama" else self.text.max_length
 
 
 class AlifuseModel(nn.Module):
     """See the module docstring. `forward(batch) -> dict` of weighted `*_loss` terms and more."""
 
-    def __init__(self, cfg: AlifuseConfig, text_tower: TextTower) -> None:
+    def __init__(self, cfg: AlifuseConfig, text_tower: TextTower | LlamaTower) -> None:
         super().__init__()
         self.cfg = cfg
         v = cfg.vision
@@ -134,8 +174,12 @@ class AlifuseModel(nn.Module):
 
         self.visual = VisionTransformer(v)
         self.text = text_tower
+        pool_cfg = cfg.attention_pool if self.use_itc else AttentionPoolConfig()
+        self.attention_pool = build_attention_pool(pool_cfg, d_txt, d_img)
         if self.use_itc:
-            self.image_proj = nn.Linear(d_img, cfg.embed_dim)
+            self.image_proj = (
+                nn.Linear(d_img, cfg.embed_dim) if self.attention_pool is None else nn.Identity()
+            )
             self.text_proj = nn.Linear(d_txt, cfg.embed_dim)
             # Shape [1], not a scalar: DeepSpeed cannot flatten 0-dim parameters.
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
@@ -162,8 +206,11 @@ class AlifuseModel(nn.Module):
         for part in (self.image_proj, self.text_proj, self.image_cross, self.text_cross):
             part.apply(init_vit_weights)
         self.fusion_head.apply(init_vit_weights)
+        if self.attention_pool is not None:
+            self.attention_pool.apply(init_vit_weights)
         self.clip_loss = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
-        if not self.use_mlm:
+        self.pair_loss = PairwiseClipLoss(gather_with_grad=cfg.gather_with_grad)
+        if not self.use_mlm and isinstance(text_tower, TextTower):
             # Without MLM the head is unused; freezing it keeps "full" mode free of parameters
             # without gradients. Its decoder weight is tied to the word embeddings: keep those.
             tied = {id(p) for p in text_tower.encoder_model.embeddings.parameters()}
@@ -219,26 +266,47 @@ class AlifuseModel(nn.Module):
         """exp(logit_scale) clamped to max_logit_scale, shape (1,)."""
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
-    def _check_itc(self) -> None:
-        if not self.use_itc:
-            raise RuntimeError(
-                "encode_image / encode_text need the ITC projections, built only with "
-                "task=pretrain and itc_weight > 0"
+    def image_state(self, image_tokens: Tensor) -> dict[str, Tensor]:
+        """Normed image tokens (B, T, Di) -> what ITC compares: {"emb": (B, embed_dim)}
+        L2-normalised, or with the attention pool {"tokens": the tokens}."""
+        if self.attention_pool is not None:
+            return {"tokens": image_tokens}
+        return {"emb": F.normalize(self.image_proj(self.visual.pool(image_tokens)), dim=-1)}
+
+    def text_state(self, text_tokens: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """Text states (B, L, Dt), mask (B, L) -> {"emb": (B, embed_dim)} L2-normalised, and
+        with the attention pool also the tokens and mask it pools."""
+        pooled = self.text.pool(text_tokens, attention_mask)
+        state = {"emb": F.normalize(self.text_proj(pooled), dim=-1)}
+        if self.attention_pool is not None:
+            state.update(tokens=text_tokens, mask=attention_mask)
+        return state
+
+    def similarity(
+        self, image_state: dict[str, Tensor], text_state: dict[str, Tensor], max_pairs: int = 4096
+    ) -> Tensor:
+        """Cosine similarity (bi, bt) of every image against every text.
+
+        Without the pool a matrix product; with it, text j pooled over image i's tokens and
+        compared with text j's embedding, `max_pairs` pairs at a time.
+        """
+        text_emb = text_state["emb"]
+        if self.attention_pool is None:
+            return image_state["emb"] @ text_emb.T
+        image, bt = image_state["tokens"], text_emb.shape[0]
+        tokens, mask = text_state["tokens"], text_state["mask"]
+        rows = []
+        for start in range(0, image.shape[0], max(1, max_pairs // bt)):
+            part = image[start : start + max(1, max_pairs // bt)]  # (n, T, Di)
+            n = part.shape[0]
+            pooled = self.attention_pool(
+                tokens.unsqueeze(0).expand(n, -1, -1, -1).flatten(0, 1),  # (n * bt, L, Dt)
+                mask.unsqueeze(0).expand(n, -1, -1).flatten(0, 1),
+                part.unsqueeze(1).expand(-1, bt, -1, -1).flatten(0, 1),  # (n * bt, T, Di)
             )
-
-    def encode_image(self, image: Tensor) -> Tensor:
-        """(B, C, *spatial) -> L2-normalised (B, embed_dim), unmasked."""
-        self._check_itc()
-        pooled = self.visual.pool(self.visual.forward_features(image))
-        return F.normalize(self.image_proj(pooled), dim=-1)
-
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, L) ids and mask -> L2-normalised (B, embed_dim)."""
-        self._check_itc()
-        pooled = self.text.pool(
-            self.text.forward_features(input_ids, attention_mask), attention_mask
-        )
-        return F.normalize(self.text_proj(pooled), dim=-1)
+            pooled = F.normalize(pooled, dim=-1).view(n, bt, -1)
+            rows.append((pooled * text_emb.unsqueeze(0)).sum(-1))  # (n, bt)
+        return torch.cat(rows)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to keep out of weight decay: tokens, temperature, norms, biases, gates."""
@@ -247,14 +315,18 @@ class AlifuseModel(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], embed: bool = False) -> dict[str, Any]:
         """batch: image (B, C, *spatial), input_ids (B, L), attention_mask (B, L), label (B,);
         other keys are ignored.
 
         pretrain -> itc_loss, mae_loss, mlm_loss (those with weight > 0, each already
         multiplied by its weight) and logit_scale (detached, for logging, with ITC).
         classify -> cls_loss (weighted) and logits (B, num_classes).
+        embed=True (ITC models; retrieval and zero-shot) -> "image" and / or "text" states of
+        the unmasked inputs the batch holds (see `similarity`) and logit_scale.
         """
+        if embed:
+            return self._forward_embed(batch)
         if self.cfg.task == "pretrain":
             return self._forward_pretrain(
                 batch["image"], batch["input_ids"], batch["attention_mask"]
@@ -262,6 +334,21 @@ class AlifuseModel(nn.Module):
         return self._forward_classify(
             batch["image"], batch["input_ids"], batch["attention_mask"], batch["label"]
         )
+
+    def _forward_embed(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if not self.use_itc:
+            raise RuntimeError(
+                "embedding needs the ITC heads, built only with task=pretrain and itc_weight > 0"
+            )
+        out: dict[str, Any] = {"logit_scale": self.scale().detach().squeeze()}
+        if "image" in batch:
+            out["image"] = self.image_state(self.visual.forward_features(batch["image"]))
+        if "input_ids" in batch:
+            mask = batch["attention_mask"]
+            out["text"] = self.text_state(
+                self.text.forward_features(batch["input_ids"], mask), mask
+            )
+        return out
 
     def _forward_pretrain(
         self, image: Tensor, input_ids: Tensor, attention_mask: Tensor
@@ -278,11 +365,14 @@ class AlifuseModel(nn.Module):
 
         if self.use_itc:
             scale = self.scale()
-            image_features = F.normalize(self.image_proj(self.visual.pool(image_tokens)), dim=-1)
-            text_features = F.normalize(
-                self.text_proj(self.text.pool(text_tokens, attention_mask)), dim=-1
-            )
-            itc = self.clip_loss(image_features, text_features, scale)
+            image_state = self.image_state(image_tokens)
+            text_state = self.text_state(text_tokens, attention_mask)
+            if self.attention_pool is None:
+                itc = self.clip_loss(image_state["emb"], text_state["emb"], scale)
+            else:
+                itc = self.pair_loss(
+                    lambda i, t: scale * self.similarity(i, t), image_state, text_state
+                )
             out["itc_loss"] = cfg.itc_weight * itc
             out["logit_scale"] = scale.detach().squeeze()
         if self.use_mae:
@@ -306,13 +396,20 @@ class AlifuseModel(nn.Module):
         cfg = self.cfg
         trunk = self.visual.forward_blocks(self.visual.embed(image).tokens, 0, self.image_split)
         image_tokens = self.image_unimodal(trunk)  # (B, 1 + N, Di)
-        text_trunk = self.text.run_layers(
-            self.text.embed(input_ids), attention_mask, 0, self.text_split
-        )
-        text_tokens = self.text.run_layers(text_trunk, attention_mask, self.text_split)
+        if len(self.text_cross):  # BERT: a text trunk shared with the image-grounded pass
+            text_trunk = self.text.run_layers(
+                self.text.embed(input_ids), attention_mask, 0, self.text_split
+            )
+            text_tokens = self.text.run_layers(text_trunk, attention_mask, self.text_split)
+        else:
+            text_tokens = self.text.forward_features(input_ids, attention_mask)
         if cfg.fusion_features == "grounded":
             image_out = self.image_grounded(trunk, text_tokens, attention_mask.bool())
-            text_out = self.text_grounded(text_trunk, attention_mask, image_tokens, self.text_split)
+            text_out = text_tokens
+            if len(self.text_cross):
+                text_out = self.text_grounded(
+                    text_trunk, attention_mask, image_tokens, self.text_split
+                )
         else:
             image_out, text_out = image_tokens, text_tokens
         fused = torch.cat(
@@ -325,9 +422,16 @@ class AlifuseModel(nn.Module):
         return out
 
 
-def build_model(cfg: AlifuseConfig) -> AlifuseModel | MultiLabelModel:
-    """The model for `cfg.task`: the text tower from `cfg.text` (a local checkpoint) and the
-    composed model, or the image-only multi-label model (no text tower)."""
+def build_model(
+    cfg: AlifuseConfig, device: str | torch.device | None = None
+) -> AlifuseModel | MultiLabelModel:
+    """The model for `cfg.task`: the text tower (`cfg.text` or `cfg.llama`, a local
+    checkpoint) and the composed model, or the image-only multi-label model (no text tower).
+
+    `device` is where a 4-bit LLaMA tower is quantized at load time (None: where it loads).
+    """
     if cfg.task == "multilabel":
         return MultiLabelModel(cfg.vision, cfg.multilabel, loss_weight=cfg.cls_weight)
+    if cfg.text_tower == "llama":
+        return AlifuseModel(cfg, build_llama_tower(cfg.llama, device))
     return AlifuseModel(cfg, build_text_tower(cfg.text))

@@ -168,6 +168,11 @@ class LlamaTower(nn.Module):
         get_base = getattr(self.hf_model, "get_base_model", None)
         return get_base() if get_base is not None else self.hf_model
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers (their count bounds the composed model's text cross layers)."""
+        return self.base_model.layers
+
     def forward_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) ids and mask (1 = token, right padding) -> last hidden states (B, L, H) float32."""
         out = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

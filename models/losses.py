@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -85,6 +87,52 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
         per_image, per_text, labels = self.logits(image_features, text_features, logit_scale)
+        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
+class PairwiseClipLoss(nn.Module):
+    """Symmetric InfoNCE where each (image, text) score comes from a function of the pair.
+
+    `score(image_state, text_state) -> (bi, bt)` logits for every image of the first
+    argument against every text of the second (e.g. a report's tokens attention-pooled over
+    the image's tokens, compared with the report's own embedding), so a pair's score is not
+    a dot product of two independent vectors. States are dicts of tensors with the batch
+    first; every rank must pass the same shapes.
+
+    With world_size > 1 the states are all-gathered (text / image states with gradient when
+    `gather_with_grad`), and each rank scores its b images against all B texts (rows) and
+    its b texts against all B images (columns): `local_loss` semantics, O(b * B) pair scores
+    per rank; the mean over ranks of the loss equals the single-process loss on the
+    concatenated batch. In one process it is one (b, b) matrix read both ways.
+    """
+
+    def __init__(self, gather_with_grad: bool = True) -> None:
+        super().__init__()
+        self.gather_with_grad = gather_with_grad
+
+    def _gather(self, state: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
+        return {
+            key: gather_features(
+                value, self.gather_with_grad and value.is_floating_point(), rank, world
+            )
+            for key, value in state.items()
+        }
+
+    def forward(
+        self,
+        score: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+        image_state: dict[str, Tensor],
+        text_state: dict[str, Tensor],
+    ) -> Tensor:
+        rank, world = _rank_and_world()
+        if world == 1:
+            per_image = score(image_state, text_state)  # (b, b)
+            labels = torch.arange(per_image.shape[0], device=per_image.device)
+            return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_image.T, labels)) / 2
+        per_image = score(image_state, self._gather(text_state, rank, world))  # (b, B)
+        per_text = score(self._gather(image_state, rank, world), text_state).T  # (b, B)
+        b = per_image.shape[0]
+        labels = torch.arange(b, device=per_image.device) + rank * b
         return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
 
 

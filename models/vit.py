@@ -4,7 +4,8 @@ One code path serves both: `PatchEmbed` picks Conv2d or Conv3d, the position emb
 a fixed N-d sin-cos table. Interface (timm): `forward_features` -> `pool` -> `forward_head`.
 For callers that insert layers (the text-grounded image encoder), the pass is also exposed
 in parts: `embed` (patches + position + masking + CLS), `forward_blocks(x, start, end)`,
-and `norm`.
+and `norm`. With `grad_checkpointing` each block keeps only its input for the backward pass
+and recomputes its inner activations there (less memory, about one more forward of time).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.attention import Block, init_vit_weights
 
@@ -37,6 +39,8 @@ class VisionConfig:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     norm_pix_loss: bool = True
+    # Activation checkpointing of the blocks in `forward_blocks` (training, grad enabled).
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("in_chans", "img_size", "patch_size", "embed_dim", "depth", "num_heads"):
@@ -215,16 +219,25 @@ class VisionTransformer(nn.Module):
         `cross_blocks[i]` (a CrossBlock) runs right after block i, attending to `context`
         (B, M, Dc) with `context_mask` (B, M) True=keep. A key `start - 1` runs first: it
         continues a pass whose last block was `start - 1` (a trunk shared with another pass).
+        With `cfg.grad_checkpointing`, blocks and cross blocks alike are checkpointed.
         """
         cross = {} if cross_blocks is None else cross_blocks
         end = len(self.blocks) if end is None else end
         if start - 1 in cross:
-            x = cross[start - 1](x, context, context_mask)
+            x = self._run(cross[start - 1], x, context, context_mask)
         for i in range(start, end):
-            x = self.blocks[i](x)
+            x = self._run(self.blocks[i], x)
             if i in cross:
-                x = cross[i](x, context, context_mask)
+                x = self._run(cross[i], x, context, context_mask)
         return x
+
+    def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        """block(*args), under activation checkpointing when configured and it can matter."""
+        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant: gradients reach every parameter and input that needs them (the
+            # context of a cross block too), even when x itself needs none.
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward_features(self, x: Tensor, mask_ratio: float = 0.0) -> Tensor:
         """(B, C, *spatial) -> normed tokens (B, 1 + K, D); K = N without masking."""

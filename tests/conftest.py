@@ -46,6 +46,32 @@ def tiny_bert(tmp_path_factory, ad_shards) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, ad_shards) -> Path:
+    """A 2-layer LLaMA (widths multiples of 64) with a SentencePiece tokenizer trained on the
+    shards' texts."""
+    from models.llama_text import make_tiny_llama_checkpoint
+    from shards.reader import read_texts
+
+    out = tmp_path_factory.mktemp("tiny_llama") / "llama"
+    make_tiny_llama_checkpoint(
+        str(out), read_texts(str(ad_shards / "train")), hidden_size=64, num_layers=2
+    )
+    return out
+
+
+def llama_overrides(llama: Path, mode: str = "qlora") -> list[str]:
+    """Switches `tiny_overrides` to the LLaMA text tower (ITC + grounded MAE, no MLM)."""
+    return [
+        "model.text_tower=llama",
+        f"model.llama.checkpoint={llama}",
+        f"model.llama.mode={mode}",
+        "model.llama.max_length=48",
+        "model.llama.lora_dropout=0.0",
+        "model.mlm_weight=0",
+    ]
+
+
 def tiny_overrides(shards: Path, bert: Path, out: Path, task: str = "pretrain") -> list[str]:
     """A model small enough for a few CPU steps in seconds."""
     return [

@@ -78,7 +78,7 @@ def tiny_batch(model, batch_size: int = 4, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     shape = (batch_size, v.in_chans) + (v.img_size,) * v.spatial_dims
     texts = [TEXTS[i % len(TEXTS)] for i in range(batch_size)]
-    tokens = model.text.tokenize(texts, model.cfg.text.max_length)
+    tokens = model.text.tokenize(texts, model.cfg.text_max_length)
     return {
         "image": torch.randn(shape, generator=gen),
         **tokens,
@@ -88,3 +88,13 @@ def tiny_batch(model, batch_size: int = 4, seed: int = 0) -> dict:
         "cohort": ["ADNI"] * batch_size,
         "worker": 0,
     }
+
+
+def warm_up(model: torch.nn.Module) -> None:
+    """Moves the zero-initialised gates and LoRA B off zero, as after some training, so
+    that every weight behind them is on the gradient path."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".gate_" in name or "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from model_fixtures import tiny_batch, tiny_bert, tiny_config, tiny_vision
+from model_fixtures import tiny_batch, tiny_bert, tiny_config, tiny_vision, warm_up
 
 from models.alifuse import AlifuseConfig, AlifuseModel, build_model
 from models.losses import ClipLoss, mlm_loss
@@ -26,16 +26,6 @@ def _model(bert_dir: str, mode: str = "lora", seed: int = 0, **overrides) -> Ali
 
 def _losses(out: dict) -> dict:
     return {k: v for k, v in out.items() if k.endswith("_loss")}
-
-
-def _warm_up(model: AlifuseModel) -> None:
-    """Moves the zero-initialised gates and LoRA B off zero, as after some training, so
-    that every weight behind them is on the gradient path."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".gate_" in name or "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
 
 
 def _groups(model: AlifuseModel) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
@@ -161,7 +151,7 @@ ROUTES = {
 @pytest.mark.parametrize("loss_key", sorted(ROUTES))
 def test_each_loss_trains_its_parts_only(bert_dir: str, loss_key: str) -> None:
     model = _model(bert_dir)
-    _warm_up(model)
+    warm_up(model)
     batch = tiny_batch(model)
     torch.manual_seed(0)
     out = model(batch)
@@ -192,7 +182,7 @@ def test_gates_learn_from_the_first_step(bert_dir: str) -> None:
 
 def test_classification_loss_routes(bert_dir: str) -> None:
     model = _model(bert_dir, task="classify")
-    _warm_up(model)
+    warm_up(model)
     model(tiny_batch(model))["cls_loss"].backward()
     groups = _groups(model)
     assert set(groups) == {"visual", "text_lora", "image_cross", "text_cross", "fusion_head"}
@@ -202,7 +192,7 @@ def test_classification_loss_routes(bert_dir: str) -> None:
 
 def test_frozen_text_tower_gets_no_gradient(bert_dir: str) -> None:
     model = _model(bert_dir, "frozen")
-    _warm_up(model)
+    warm_up(model)
     torch.manual_seed(0)
     out = model(tiny_batch(model))
     sum(_losses(out).values()).backward()
@@ -239,7 +229,7 @@ def test_inserted_cross_blocks_leave_outputs_unchanged_at_init(bert_dir: str) ->
         torch.testing.assert_close(grounded, image_tokens, atol=0, rtol=0)
         text_grounded = model.text_grounded(model.text.embed(ids), attention, image_tokens)
         torch.testing.assert_close(text_grounded, text_tokens, atol=0, rtol=0)
-        _warm_up(model)
+        warm_up(model)
         assert not torch.allclose(
             model.image_grounded(trunk, text_tokens, attention.bool()), image_tokens
         )
@@ -256,7 +246,7 @@ def test_cross_blocks_sit_after_the_last_layers(bert_dir: str) -> None:
 def test_pretrain_wiring_equals_manual_composition(bert_dir: str) -> None:
     """The forward equals the documented data flow, written out with the public parts."""
     model = _model(bert_dir).eval()
-    _warm_up(model)
+    warm_up(model)
     batch = tiny_batch(model)
     image, ids, attention = batch["image"], batch["input_ids"], batch["attention_mask"]
     cfg = model.cfg
@@ -295,8 +285,8 @@ def test_itc_equals_clip_loss_on_encoders_without_masking(bert_dir: str) -> None
     batch = tiny_batch(model)
     with torch.no_grad():
         out = model(batch)
-        image = model.encode_image(batch["image"])
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        states = model(batch, embed=True)
+        image, text = states["image"]["emb"], states["text"]["emb"]
     assert image.shape == text.shape == (4, 16)
     torch.testing.assert_close(image.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(out["itc_loss"], ClipLoss()(image, text, model.logit_scale.exp()))
@@ -305,7 +295,7 @@ def test_itc_equals_clip_loss_on_encoders_without_masking(bert_dir: str) -> None
 def test_encoders_need_the_itc_heads(bert_dir: str) -> None:
     model = _model(bert_dir, task="classify")
     with pytest.raises(RuntimeError, match="itc_weight"):
-        model.encode_image(torch.zeros(1, 1, 16, 16, 16))
+        model({"image": torch.zeros(1, 1, 16, 16, 16)}, embed=True)
 
 
 def test_no_weight_decay_names(bert_dir: str) -> None:

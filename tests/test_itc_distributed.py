@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from models.losses import ClipLoss
+from models.losses import ClipLoss, PairwiseClipLoss
+from models.pooling import AttentionPool
 
 WORLD = 2
 PER_RANK = 3
@@ -94,3 +95,78 @@ def test_itc_two_processes_match_one(tmp_path: Path) -> None:
                 scale = 1 if name == "log_scale" else WORLD  # the temperature is not gathered
                 torch.testing.assert_close(got[0][name], grad / scale, msg=name)
         assert full["log_scale"].abs().item() > 0
+
+
+class PooledTowers(nn.Module):
+    """Token 'towers' and an attention pool: each (image, text) pair is scored jointly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Linear(6, 8)
+        self.text = nn.Linear(5, 8)
+        self.text_proj = nn.Linear(8, 4)
+        self.pool = AttentionPool(text_dim=8, image_dim=8, out_dim=4, num_heads=2)
+        self.log_scale = nn.Parameter(torch.tensor([2.0]))
+
+    def score(self, image: dict, text: dict) -> torch.Tensor:
+        bi, bt = image["tokens"].shape[0], text["emb"].shape[0]
+        pooled = self.pool(
+            text["tokens"].unsqueeze(0).expand(bi, -1, -1, -1).flatten(0, 1),
+            text["mask"].unsqueeze(0).expand(bi, -1, -1).flatten(0, 1),
+            image["tokens"].unsqueeze(1).expand(-1, bt, -1, -1).flatten(0, 1),
+        )
+        pooled = F.normalize(pooled, dim=-1).view(bi, bt, -1)
+        return self.log_scale.exp() * (pooled * text["emb"].unsqueeze(0)).sum(-1)
+
+    def loss(self, images, texts, mask, clip: PairwiseClipLoss) -> torch.Tensor:
+        text_tokens = self.text(texts)
+        keep = mask.unsqueeze(-1).to(text_tokens.dtype)
+        emb = F.normalize(self.text_proj((text_tokens * keep).sum(1) / keep.sum(1)), dim=-1)
+        image = {"tokens": self.image(images)}
+        text = {"tokens": text_tokens, "mask": mask, "emb": emb}
+        return clip(self.score, image, text)
+
+
+def _pooled_data():
+    gen = torch.Generator().manual_seed(1)
+    n = WORLD * PER_RANK
+    images = torch.randn(n, 7, 6, generator=gen, dtype=torch.float64)  # 7 image tokens
+    texts = torch.randn(n, 5, 5, generator=gen, dtype=torch.float64)  # 5 text tokens
+    mask = torch.ones(n, 5, dtype=torch.long)
+    mask[0, 3:] = 0  # padding: must not change anything but the sample it belongs to
+    mask[4, 2:] = 0
+    torch.manual_seed(0)
+    state = PooledTowers().double().state_dict()
+    return images, texts, mask, state
+
+
+def _pooled_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    images, texts, mask, state = _pooled_data()
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    towers = PooledTowers().double()
+    towers.load_state_dict(state)
+    loss = towers.loss(images[mine], texts[mine], mask[mine], PairwiseClipLoss())
+    loss.backward()
+    result = {"loss": loss.detach().clone()}
+    dist.all_reduce(result["loss"])
+    for name, param in towers.named_parameters():
+        dist.all_reduce(param.grad)
+        result[name] = param.grad / WORLD
+    result["loss"] /= WORLD
+    torch.save(result, Path(out_dir) / f"pooled{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_pairwise_itc_two_processes_match_one(tmp_path: Path) -> None:
+    mp.spawn(_pooled_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "pooled0.pt")
+    images, texts, mask, state = _pooled_data()
+    towers = PooledTowers().double()
+    towers.load_state_dict(state)
+    loss = towers.loss(images, texts, mask, PairwiseClipLoss())
+    loss.backward()
+    torch.testing.assert_close(got["loss"], loss.detach())
+    for name, param in towers.named_parameters():
+        assert param.grad.abs().sum() > 0, name
+        torch.testing.assert_close(got[name], param.grad, msg=name)

@@ -1,12 +1,15 @@
-"""`accelerate launch` with 2 processes on CPU: DeepSpeed ZeRO-2 (with exact resume), ZeRO-3 and
-DDP, checking the mode that actually ran, not only the exit code."""
+"""`accelerate launch` with 2 processes on CPU: DeepSpeed ZeRO-2 (with exact resume), ZeRO-3,
+DDP and a QLoRA text tower under ZeRO-2, checking the mode that actually ran, not only the
+exit code."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
-from conftest import launch_cmd, run_cmd, tiny_overrides
+import torch
+from conftest import REPO, launch_cmd, llama_overrides, run_cmd, tiny_overrides
 from safetensors.torch import load_file
 from test_train import losses
 
@@ -73,3 +76,34 @@ def test_ddp_two_processes_on_cpu(ad_shards, tiny_bert, tmp_path):
     launch = json.loads((tmp_path / "launch.json").read_text())
     assert launch["distributed_type"] == "DistributedType.MULTI_CPU"
     assert launch["num_processes"] == 2
+
+
+def test_qlora_text_tower_with_itc_under_zero2(ad_shards, tiny_bert, tiny_llama, tmp_path):
+    _launch(
+        ["--use_deepspeed", "--zero_stage", "2"],
+        tiny_overrides(ad_shards, tiny_bert, tmp_path) + llama_overrides(tiny_llama),
+        "train.max_steps=3",
+    )
+    launch = json.loads((tmp_path / "launch.json").read_text())
+    assert launch["zero_stage"] == 2 and launch["num_processes"] == 2
+    assert set(losses(tmp_path)[3]) >= {"train/itc_loss", "train/mae_loss"}
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    fresh = build_model(load_config(str(tmp_path / "config.yaml")).model).state_dict()
+    lora_b = [k for k in weights if "lora_B" in k]
+    packed = [k for k in weights if k.endswith("base_layer.weight")]
+    assert lora_b and packed
+    # LoRA B starts at zero: non-zero after 3 steps means the adapter trained through the
+    # 4-bit layers on both ranks; the packed NF4 base weights are the checkpoint's, unchanged.
+    assert all(weights[k].abs().sum() > 0 and fresh[k].abs().sum() == 0 for k in lora_b)
+    for key in packed:
+        assert weights[key].dtype == fresh[key].dtype == torch.uint8
+        assert torch.equal(weights[key], fresh[key]), key
+
+
+def test_4bit_text_tower_under_zero3_is_refused(ad_shards, tiny_bert, tiny_llama, tmp_path):
+    cmd = launch_cmd("--num_processes", "2", "--use_deepspeed", "--zero_stage", "3")
+    cmd += tiny_overrides(ad_shards, tiny_bert, tmp_path) + llama_overrides(tiny_llama)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "under DeepSpeed ZeRO-3 trains wrongly; use ZeRO-1 or ZeRO-2" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()

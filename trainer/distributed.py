@@ -52,7 +52,39 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         fill_deepspeed_auto(accelerator, cfg)
     check_launch(accelerator, use_deepspeed)
+    check_model_placement(accelerator, cfg)
     return accelerator
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this launch, None without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_model_placement(accelerator: Accelerator, cfg: Config) -> None:
+    """Refuses combinations that run but train wrongly: a 4-bit LLaMA tower under ZeRO-3.
+
+    ZeRO-3 partitions and re-gathers parameters by flattening them; bitsandbytes' packed
+    4-bit weights and their quantization state do not survive that on this stack (outputs
+    drift even at learning rate 0), and ZeRO-3 refuses the device map 4-bit loading uses.
+    """
+    m = cfg.model
+    uses_4bit = m.task != "multilabel" and m.text_tower == "llama" and m.llama.load_in_4bit
+    if uses_4bit and zero_stage(accelerator) == 3:
+        raise ValueError(
+            f"model.llama.mode={m.llama.mode} (4-bit weights) under DeepSpeed ZeRO-3 trains "
+            "wrongly; use ZeRO-1 or ZeRO-2 (configs/deepspeed/zero1.json, zero2.json), DDP "
+            "(--multi_gpu) or one process, or model.llama.mode=lora / frozen with ZeRO-3"
+        )
+
+
+def model_device(accelerator: Accelerator) -> torch.device | None:
+    """Where a 4-bit tower is quantized at load: this rank's device, except under ZeRO-3
+    (which places parameters itself and refuses a device map)."""
+    return None if zero_stage(accelerator) == 3 else accelerator.device
 
 
 def fill_deepspeed_auto(accelerator: Accelerator, cfg: Config) -> None:
@@ -110,6 +142,5 @@ def describe(accelerator: Accelerator) -> dict:
         "device": str(accelerator.device),
     }
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        info["zero_stage"] = ds.get("zero_optimization", {}).get("stage")
+        info["zero_stage"] = zero_stage(accelerator)
     return info

@@ -24,7 +24,7 @@ from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.reader import LABEL_NAMES, build_eval_loader, build_train_loader
 from trainer import checkpoint as ckpt
 from trainer.config import Config, save_config
-from trainer.distributed import build_accelerator, describe
+from trainer.distributed import build_accelerator, describe, model_device
 from trainer.evaluate import predict, score, score_multilabel
 from trainer.metrics_log import MetricLogger
 from trainer.optim import build_optimizer, lr_at, set_lr
@@ -124,7 +124,7 @@ def evaluate(
         getattr(cfg.data, split),
         cfg.data,
         tokenizer,
-        cfg.model.text.max_length,
+        cfg.model.text_max_length,
         accelerator.process_index,
         accelerator.num_processes,
     )
@@ -186,7 +186,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     log.info("launch: %s", describe(accelerator))
     set_seed(cfg.train.seed)  # same seed on every rank: identical initial weights
 
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, model_device(accelerator))
     tokenizer = model.tokenizer  # None for image-only models
     if cfg.train.init_from:
         report = ckpt.load_init_weights(model, cfg.train.init_from)
@@ -217,7 +217,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         cfg.data.train,
         cfg.data,
         tokenizer,
-        cfg.model.text.max_length,
+        cfg.model.text_max_length,
         accelerator.process_index,
         accelerator.num_processes,
         cfg.train.seed,
