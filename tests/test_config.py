@@ -36,11 +36,14 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("data.label_mode=four", "expected one of 'three_class', 'binary'"),
         ("train.progress=maybe", "expected true or false"),
         ("optim", "expected key.sub=value"),
+        ("model.text_tower=gpt", "model.text_tower='gpt': expected one of 'bert', 'llama'"),
+        ("train.retrieval=true model.task=classify", "train.retrieval=true needs an ITC model"),
+        ("model.attention_pool.enabled=true model.attention_pool.out_dim=64", "out_dim=64"),
     ],
 )
 def test_bad_keys_and_values_fail_with_the_path(override, fragment):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     assert fragment in str(err.value)
 
 

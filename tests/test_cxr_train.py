@@ -10,8 +10,13 @@ import torch
 from conftest import run_cmd, train_cmd
 from safetensors.torch import load_file
 
+from models.alifuse import build_model
 from models.heads import MultiLabelConfig, MultiLabelModel
 from models.vit import VisionConfig
+from shards.reader import build_eval_loader
+from trainer.config import load_config
+from trainer.cxr_metrics import multilabel_auroc
+from trainer.retrieval import default_prompts, retrieval_recall, zero_shot_scores
 
 VISION = [
     "model.vision.spatial_dims=2",
@@ -70,6 +75,10 @@ def pretrained(cxr, tmp_path_factory):
             "model.cross_layers_image=1",
             "model.cross_layers_text=1",
             "train.max_steps=3",
+            "train.retrieval=true",
+            "train.zero_shot=true",
+            "train.bootstrap=20",
+            "train.eval_splits=[val,test]",
         )
     )
     return out
@@ -77,7 +86,9 @@ def pretrained(cxr, tmp_path_factory):
 
 def test_2d_pretraining_with_report_text(pretrained):
     results = json.loads((pretrained / "results.json").read_text())
-    assert set(results["val"]) == {"itc_loss", "mae_loss", "mlm_loss"}
+    assert {"itc_loss", "mae_loss", "mlm_loss", "i2t_r1", "t2i_r10", "zero_shot"} <= set(
+        results["val"]
+    )
     weights = load_file(str(pretrained / "model.safetensors"))
     assert weights["visual.patch_embed.proj.weight"].ndim == 4  # Conv2d: a 2D tower
 
@@ -114,6 +125,40 @@ def test_14_label_heads_from_pretrained_tower(cxr, pretrained, tmp_path, finetun
         assert torch.equal(before[key], after[key])
     else:
         assert not torch.equal(before[key], after[key])
+
+
+def test_retrieval_and_zero_shot_match_a_recomputation(cxr, pretrained):
+    """The run's test-split retrieval and zero-shot numbers, recomputed in one process from
+    the exported weights with the plain embedding functions."""
+    result = json.loads((pretrained / "results.json").read_text())["test"]
+    cfg = load_config(str(pretrained / "config.yaml"))
+    model = build_model(cfg.model)
+    model.load_state_dict(load_file(str(pretrained / "model.safetensors")))
+    model.eval()
+    loader = build_eval_loader(cfg.data.test, cfg.data, model.tokenizer, 64, 0, 1)
+    image, text, labels, mask, groups = [], [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            keep = batch["valid"]
+            out = model(batch, embed=True)
+            image.append(out["image"]["emb"][keep])
+            text.append(out["text"]["emb"][keep])
+            labels.append(batch["labels"][keep])
+            mask.append(batch["label_mask"][keep])
+            groups += [g for g, k in zip(batch["group"], keep.tolist(), strict=True) if k]
+        pos, neg = default_prompts()
+        prompts = model({**model.text.tokenize(pos + neg, 64)}, embed=True)["text"]["emb"]
+        scale = float(model.scale())
+    image, text = torch.cat(image), torch.cat(text)
+    n_test = json.loads((cxr["root"] / "shards" / "test" / "manifest.json").read_text())
+    assert result["retrieval_n"] == image.shape[0] == n_test["num_samples"]
+    recall = retrieval_recall(image, text, groups=groups)
+    for key, value in recall.items():
+        assert result[key] == pytest.approx(value, abs=1e-9), key
+    probs = zero_shot_scores(image, prompts[:14], prompts[14:], temperature=1.0 / scale)
+    per_label, mauc = multilabel_auroc(probs, torch.cat(labels), torch.cat(mask))
+    assert result["zero_shot"]["mauc"] == pytest.approx(mauc, abs=1e-6)
+    assert result["zero_shot"]["auroc"] == pytest.approx(per_label, abs=1e-6)
 
 
 def test_linear_probe_trains_only_the_head():

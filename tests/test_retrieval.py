@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trainer.cxr_metrics import CHEXPERT_LABELS
-from trainer.retrieval import default_prompts, retrieval_recall, zero_shot_scores
+from trainer.retrieval import (
+    default_prompts,
+    retrieval_recall,
+    similarity_recall,
+    zero_shot_scores,
+)
 
 KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
 
@@ -142,3 +148,18 @@ def test_zero_shot_rejects_bad_arguments() -> None:
         zero_shot_scores(torch.randn(2, 8), torch.randn(14, 8), torch.randn(13, 8))
     with pytest.raises(ValueError):
         zero_shot_scores(torch.randn(2, 6), torch.randn(14, 8), torch.randn(14, 8))
+
+
+def test_similarity_recall_matches_embedding_recall() -> None:
+    gen = torch.Generator().manual_seed(3)
+    image, text = torch.randn(20, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    groups = [i // 3 for i in range(20)]
+    sim = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    assert similarity_recall(sim, groups=groups) == retrieval_recall(image, text, groups=groups)
+    # A pair score that is not a dot product: only the matrix matters.
+    assert similarity_recall(torch.eye(5) + 0.1 * torch.ones(5, 5), ks=(1,)) == {
+        "i2t_r1": 1.0,
+        "t2i_r1": 1.0,
+    }
+    with pytest.raises(ValueError, match=r"sim \(4, 5\) must be \(N, N\)"):
+        similarity_recall(torch.zeros(4, 5))

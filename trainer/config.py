@@ -45,6 +45,10 @@ class TrainConfig:
     eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated at the end
     progress: bool = True
     bootstrap: int = 1000  # resamples for the multi-label AUROC confidence intervals (0: none)
+    # Extra evaluation of contrastive pretraining (model.task=pretrain with ITC): image <-> report
+    # Recall@1/5/10, and zero-shot 14-label AUROC from prompt pairs (chest X-ray shards).
+    retrieval: bool = False
+    zero_shot: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every"):
@@ -66,6 +70,16 @@ class Config:
     model: AlifuseConfig = field(default_factory=AlifuseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        itc = self.model.task == "pretrain" and self.model.itc_weight > 0
+        for name in ("retrieval", "zero_shot"):
+            if getattr(self.train, name) and not itc:
+                raise ValueError(
+                    f"train.{name}=true needs an ITC model: model.task=pretrain with "
+                    f"model.itc_weight > 0 (got task={self.model.task}, "
+                    f"itc_weight={self.model.itc_weight})"
+                )
 
 
 def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

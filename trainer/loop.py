@@ -25,6 +25,7 @@ from shards.reader import LABEL_NAMES, build_eval_loader, build_train_loader
 from trainer import checkpoint as ckpt
 from trainer.config import Config, save_config
 from trainer.distributed import build_accelerator, describe, model_device
+from trainer.embed_eval import embed_split, retrieval_metrics, zero_shot_metrics
 from trainer.evaluate import predict, score, score_multilabel
 from trainer.metrics_log import MetricLogger
 from trainer.optim import build_optimizer, lr_at, set_lr
@@ -128,9 +129,28 @@ def evaluate(
         accelerator.process_index,
         accelerator.num_processes,
     )
-    if cfg.model.task == "pretrain":
-        return eval_losses(model, loader, accelerator, move, cfg.train.seed)
     out = Path(cfg.train.output_dir)
+    if cfg.model.task == "pretrain":
+        result: dict[str, Any] = eval_losses(model, loader, accelerator, move, cfg.train.seed)
+        if cfg.train.retrieval or cfg.train.zero_shot:
+            emb = embed_split(model, loader, accelerator, move)
+            bare = accelerator.unwrap_model(model)
+            if cfg.train.retrieval:
+                result.update(retrieval_metrics(bare, emb, accelerator.device, (1, 5, 10)))
+            if cfg.train.zero_shot:
+                zs = zero_shot_metrics(
+                    bare,
+                    model,
+                    emb,
+                    tokenizer,
+                    cfg.model.text_max_length,
+                    move,
+                    list(CXR_LABEL_NAMES),
+                    cfg.train.bootstrap if plots else 0,
+                )
+                result["zero_shot_mauc"] = zs["mauc"]
+                result["zero_shot"] = zs
+        return result
     if cfg.model.task == "multilabel":
         pred = predict(model, loader, accelerator, move, ("labels", "label_mask"), ("group", "key"))
         names = list(CXR_LABEL_NAMES)  # the reader checks the manifest against these

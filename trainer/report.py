@@ -31,8 +31,23 @@ def format_results(results: dict[str, Any], cfg: Config) -> str:
                     f"  {cohort:<8} ACC {r['acc']:.4f}  macro-AUC {c_auc}  F1 {r['f1']:.4f}  (n={r['n']})"
                 )
         else:
-            losses = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items()))
+            losses = "  ".join(
+                f"{k} {v:.4f}" for k, v in sorted(result.items()) if k.endswith("_loss")
+            )
             lines.append(f"{split}: {losses}")
+            recall = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+            if all(k in result for k in recall):
+                lines.append(
+                    f"{split} retrieval: "
+                    + "  ".join(f"{k} {result[k]:.4f}" for k in recall)
+                    + f"  (n={result['retrieval_n']})"
+                )
+            if "zero_shot" in result:
+                zs = result["zero_shot"]
+                ci = zs.get("mauc_ci")
+                interval = "" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+                mauc = "n/a" if zs["mauc"] is None else f"{zs['mauc']:.4f}"
+                lines.append(f"{split} zero-shot: mAUC {mauc}{interval}")
     return "\n".join(lines)
 
 

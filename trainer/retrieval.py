@@ -103,6 +103,26 @@ def retrieval_recall(
     return out
 
 
+@torch.no_grad()
+def similarity_recall(
+    sim: Tensor, ks: Sequence[int] = (1, 5, 10), groups: Tensor | Sequence[Any] | None = None
+) -> dict[str, float]:
+    """`retrieval_recall` from a similarity matrix (N, N): sim[i, j] scores image i against
+    text j (models whose pair scores are not dot products, e.g. attention pooling)."""
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"sim {tuple(sim.shape)} must be (N, N)")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    n = sim.shape[0]
+    group = _group_ids(groups, n)
+    out: dict[str, float] = {}
+    for name, matrix in (("i2t", sim.float()), ("t2i", sim.float().T)):
+        hits = _recall_at(matrix, group, group, ks)
+        for k, h in zip(ks, hits.tolist(), strict=True):
+            out[f"{name}_r{k}"] = h / n
+    return out
+
+
 def default_prompts(labels: Sequence[str] = CHEXPERT_LABELS) -> tuple[list[str], list[str]]:
     """(positive prompts, negative prompts), one per label; unknown labels get
     "There is <label>." / "There is no <label>." with the label in lower case."""
@@ -143,5 +163,17 @@ def zero_shot_scores(
     image, pos, neg = image_emb.float(), pos_text_emb.float(), neg_text_emb.float()
     if normalize:
         image, pos, neg = (F.normalize(t, dim=-1) for t in (image, pos, neg))
-    logits = torch.stack([image @ pos.T, image @ neg.T], dim=-1) / temperature  # (N, L, 2)
+    return zero_shot_from_similarity(image @ pos.T, image @ neg.T, temperature)
+
+
+def zero_shot_from_similarity(pos_sim: Tensor, neg_sim: Tensor, temperature: float = 1.0) -> Tensor:
+    """pos_sim, neg_sim (N, L): each image's similarity to each label's positive and negative
+    prompt -> probs (N, L) = softmax([pos, neg] / temperature)[0]."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if pos_sim.shape != neg_sim.shape or pos_sim.ndim != 2:
+        raise ValueError(
+            f"pos_sim {tuple(pos_sim.shape)} and neg_sim {tuple(neg_sim.shape)} must be (N, L)"
+        )
+    logits = torch.stack([pos_sim.float(), neg_sim.float()], dim=-1) / temperature  # (N, L, 2)
     return logits.softmax(dim=-1)[..., 0]

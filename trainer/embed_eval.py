@@ -1,0 +1,126 @@
+"""Retrieval and zero-shot evaluation of a contrastive (ITC) model on a split.
+
+Every sample of the split is embedded once (each rank its share, padding rows dropped after
+the gather), then every rank scores the whole split from the model's own `similarity`, so
+models whose pair scores are not dot products (attention pooling) are scored the same way
+they were trained:
+
+- retrieval: image -> report and report -> image Recall@k over the split; images of one
+  study (CXR) share a report, so any image of the right study counts;
+- zero-shot (chest X-ray shards): per label, the softmax over the image's similarity to a
+  positive and a negative prompt (`trainer.retrieval.default_prompts`) at the model's
+  learned temperature, scored like the fine-tuned heads (per-label AUROC, mAUC, CIs).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import Tensor
+
+from trainer.cxr_metrics import multilabel_metrics
+from trainer.retrieval import default_prompts, similarity_recall, zero_shot_from_similarity
+
+
+def _split_state(flat: dict[str, Tensor], side: str) -> dict[str, Tensor]:
+    prefix = f"{side}."
+    return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def embed_split(
+    model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator, move
+) -> dict[str, Any]:
+    """image / text states of every sample of the split (all ranks), labels where the
+    batches carry them, the retrieval groups (study for CXR, sample key otherwise) and the
+    model's logit scale."""
+    model.eval()
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    groups: list[Any] = []
+    scale = 1.0
+    for batch in loader:
+        batch = move(batch)
+        out = model(batch, embed=True)
+        for side in ("image", "text"):
+            for key, value in out[side].items():
+                parts[f"{side}.{key}"].append(value.float() if value.is_floating_point() else value)
+        for key in ("valid", "labels", "label_mask"):
+            if key in batch:
+                parts[key].append(batch[key])
+        groups += batch["group"] if "group" in batch else batch["key"]
+        scale = float(out["logit_scale"])
+    model.train()
+    gathered = {
+        k: accelerator.gather(torch.cat(v).to(accelerator.device)).cpu() for k, v in parts.items()
+    }
+    valid = gathered.pop("valid").bool()
+    every = gather_object(groups)
+    kept = {k: v[valid] for k, v in gathered.items()}
+    return {
+        "image": _split_state(kept, "image"),
+        "text": _split_state(kept, "text"),
+        "labels": kept.get("labels"),
+        "label_mask": kept.get("label_mask"),
+        "group": [every[i] for i in valid.nonzero().squeeze(1).tolist()],
+        "logit_scale": scale,
+    }
+
+
+def _on(state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in state.items()}
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    model: torch.nn.Module, emb: dict[str, Any], device: torch.device, ks: Sequence[int]
+) -> dict[str, float]:
+    """Recall@k both ways over the embedded split."""
+    sim = model.similarity(_on(emb["image"], device), _on(emb["text"], device)).cpu()
+    return {**similarity_recall(sim, ks, emb["group"]), "retrieval_n": len(emb["group"])}
+
+
+@torch.no_grad()
+def zero_shot_metrics(
+    model: torch.nn.Module,
+    wrapped: torch.nn.Module,
+    emb: dict[str, Any],
+    tokenizer,
+    max_length: int,
+    move,
+    label_names: Sequence[str],
+    n_boot: int,
+) -> dict[str, Any]:
+    """Per-label zero-shot AUROC from positive / negative prompt pairs.
+
+    `model` is the bare model (its `similarity`), `wrapped` what the accelerator prepared
+    (the prompts go through its forward, which ZeRO-3 needs to gather the weights).
+    """
+    if emb["labels"] is None:
+        raise ValueError(
+            "train.zero_shot needs chest X-ray shards (medalign-cxr-v1) with the 14 labels; "
+            "this split has none"
+        )
+    pos, neg = default_prompts(label_names)
+    tokens = tokenizer(
+        pos + neg, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    wrapped.eval()
+    prompts = wrapped(
+        move({"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}),
+        embed=True,
+    )["text"]
+    wrapped.train()
+    n = len(pos)
+    device = next(iter(prompts.values())).device
+    image = _on(emb["image"], device)
+    pos_sim = model.similarity(image, {k: v[:n] for k, v in prompts.items()})
+    neg_sim = model.similarity(image, {k: v[n:] for k, v in prompts.items()})
+    probs = zero_shot_from_similarity(pos_sim.cpu(), neg_sim.cpu(), 1.0 / emb["logit_scale"])
+    return multilabel_metrics(
+        probs, emb["labels"], emb["label_mask"], list(label_names), n_boot, groups=emb["group"]
+    )
