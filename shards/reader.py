@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,8 +61,13 @@ from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.chexpert import NUM_LABELS as CXR_NUM_LABELS
 from shards.chexpert import LabelPolicyConfig, labels_to_array
 from shards.dicom import decode_png
+from shards.splits import label_fraction_indices
 
 log = logging.getLogger(__name__)
+
+# A rank / worker whose shards hold none of a label-fraction run's samples for this many
+# epochs in a row would otherwise spin forever.
+_MAX_EMPTY_EPOCHS = 200
 
 LABEL_NAMES = {"three_class": ["NC", "MCI", "AD"], "binary": ["NC", "impaired"]}
 
@@ -87,6 +93,11 @@ class DataConfig:
     label_mode: Literal["three_class", "binary"] = "three_class"  # medalign-ad-v1 only
     # medalign-cxr-v1 only: what uncertain (-1) and blank (not mentioned) labels become
     labels: LabelPolicyConfig = field(default_factory=LabelPolicyConfig)
+    # Label-fraction runs: train on this fraction of the training split's samples (e.g. 0.01,
+    # 0.1, 1.0), one seeded draw by sample key; a smaller fraction's subset lies inside every
+    # larger one's (shards.splits.label_fraction_indices). Validation and test are untouched.
+    label_fraction: float = 1.0
+    label_fraction_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -96,6 +107,8 @@ class DataConfig:
             raise ValueError(f"num_workers={self.num_workers}: expected >= 0")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer}: expected >= 1")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction={self.label_fraction}: expected a value in (0, 1]")
 
 
 @dataclass
@@ -308,6 +321,36 @@ def _read_tars(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]
     yield from wds.tarfile_to_samples(handler=counter)(iter([{"url": u} for u in urls]))
 
 
+def sample_keys(shards: ShardSet) -> list[str]:
+    """Every sample key of a split, from the tar headers only (nothing is decoded)."""
+    keys: set[str] = set()
+    for path, _ in shards.shards:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.isfile():
+                    base = os.path.basename(member.name)
+                    keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
+    return sorted(keys)
+
+
+def fraction_keys(shards: ShardSet, fraction: float, seed: int) -> frozenset[str] | None:
+    """The keys a label-fraction run trains on (None: all of them)."""
+    if fraction >= 1.0:
+        return None
+    keys = sample_keys(shards)
+    if not keys:
+        raise ValueError(f"{shards.folder}: no samples in the split's shards")
+    chosen = frozenset(keys[i] for i in label_fraction_indices(len(keys), fraction, seed))
+    log.info(
+        "data.label_fraction=%g: training on %d of %d samples of %s",
+        fraction,
+        len(chosen),
+        len(keys),
+        shards.folder,
+    )
+    return chosen
+
+
 def _seeded_shuffle(
     samples: Iterator[dict[str, Any]], bufsize: int, rng: random.Random
 ) -> Iterator[dict[str, Any]]:
@@ -348,6 +391,7 @@ class TrainStream(IterableDataset):
         self.decode = sample_decoder(shards, cfg)
         self.start_batch = 0
         self.counter = SkipCounter()
+        self.keep = fraction_keys(shards, cfg.label_fraction, cfg.label_fraction_seed)
         workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(shards.shards) < world_size * workers:
             raise ValueError(
@@ -383,9 +427,24 @@ class TrainStream(IterableDataset):
             epoch += 1
 
     def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        empty_epochs = 0
         for epoch, urls in enumerate(self._urls(worker, num_workers)):
             rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{worker}")
-            yield from _seeded_shuffle(_read_tars(urls, self.counter), self.cfg.shuffle_buffer, rng)
+            raw = _read_tars(urls, self.counter)
+            if self.keep is not None:  # label-fraction run: the other samples are not read on
+                raw = (sample for sample in raw if sample.get("__key__") in self.keep)
+            count = 0
+            for sample in _seeded_shuffle(raw, self.cfg.shuffle_buffer, rng):
+                count += 1
+                yield sample
+            empty_epochs = 0 if count else empty_epochs + 1
+            if empty_epochs == _MAX_EMPTY_EPOCHS:
+                raise ValueError(
+                    f"{self.shards.folder}: rank {self.rank} worker {worker} read no sample in "
+                    f"{_MAX_EMPTY_EPOCHS} epochs in a row (data.label_fraction="
+                    f"{self.cfg.label_fraction} keeps {len(self.keep or ())} samples); use a "
+                    "larger fraction, fewer ranks / workers or data.resampled=true"
+                )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader_worker, num_workers = self._worker()

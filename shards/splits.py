@@ -78,3 +78,19 @@ def assign_splits(
             u = (i + start) / len(members)
             assignment[key] = "train" if u < bounds[0] else "val" if u < bounds[1] else "test"
     return assignment
+
+
+def label_fraction_indices(n: int, fraction: float, seed: int = 0) -> list[int]:
+    """Sorted indices of a `fraction` of n training rows for label-fraction runs (1/10/100 %).
+
+    Takes the first round(fraction * n) (at least 1) rows of one seeded permutation of range(n),
+    so for a fixed (n, seed) a smaller fraction's subset lies inside every larger one's.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    k = max(1, round(fraction * n))
+    order = list(range(n))
+    random.Random(f"label-fraction-{seed}").shuffle(order)
+    return sorted(order[:k])

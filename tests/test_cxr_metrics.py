@@ -11,13 +11,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from shards.splits import label_fraction_indices
 from trainer.cxr_metrics import (
     CHEXPERT_LABELS,
     _weighted_auroc,
     bootstrap_ci,
     format_table,
     label_counts,
-    label_fraction_indices,
     masked_bce,
     multilabel_accuracy,
     multilabel_auroc,

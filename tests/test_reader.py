@@ -230,3 +230,25 @@ def test_manifest_format_and_ad_batch_keys(tmp_path, ad_shards):
     (tmp_path / "old" / "manifest.json").write_text(json.dumps({**manifest, "format": "nifti"}))
     with pytest.raises(ValueError, match="unknown shard format 'nifti'.*medalign-ad-v1"):
         ShardSet.load(str(tmp_path / "old"))
+
+
+def test_label_fraction_trains_on_a_nested_seeded_subset(tmp_path):
+    shards = write_split(tmp_path / "train", n=40, per_shard=4)  # 10 shards
+    every = [f"k{i:05d}" for i in range(40)]
+    chosen = {}
+    for fraction in (0.1, 0.25, 1.0):
+        cfg = DataConfig(batch_size=2, shuffle_buffer=3, label_fraction=fraction)
+        seen: set[str] = set()
+        for rank in range(2):
+            stream = TrainStream(shards, cfg, None, 16, rank=rank, world_size=2, seed=1)
+            # Several epochs of this rank: each epoch deals it a different half of the shards.
+            seen |= set(_keys(b for _, b in zip(range(60), iter(stream), strict=False)))
+        chosen[fraction] = seen
+    assert len(chosen[0.1]) == 4 and len(chosen[0.25]) == 10
+    assert sorted(chosen[1.0]) == every
+    assert chosen[0.1] < chosen[0.25] < chosen[1.0]
+    other_seed = DataConfig(batch_size=2, label_fraction=0.25, label_fraction_seed=5)
+    stream = TrainStream(shards, other_seed, None, 16)
+    assert set(_keys(b for _, b in zip(range(60), iter(stream), strict=False))) != chosen[0.25]
+    with pytest.raises(ValueError, match="label_fraction=0: expected a value in"):
+        DataConfig(label_fraction=0)

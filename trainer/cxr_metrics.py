@@ -260,18 +260,3 @@ def format_table(result: dict[str, Any]) -> str:
         f"{num(result['mauc'])}  {ci(result['mauc_ci']):<14}  {num(result['mean_acc'])}"
     )
     return "\n".join(lines)
-
-
-def label_fraction_indices(n: int, fraction: float, seed: int = 0) -> list[int]:
-    """Sorted indices of a `fraction` of n training rows for label-fraction runs (1/10/100 %).
-
-    Takes the first round(fraction * n) (at least 1) rows of one seeded permutation of range(n),
-    so for a fixed (n, seed) a smaller fraction's subset lies inside every larger one's.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    k = max(1, round(fraction * n))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return sorted(perm[:k].tolist())
