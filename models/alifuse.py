@@ -48,12 +48,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import CrossBlock, init_vit_weights
+from models.fusion import FusionConfig, FusionModel, build_fusion_model
 from models.heads import MultiLabelConfig, MultiLabelModel
 from models.llama_text import LlamaTextConfig, LlamaTower, build_llama_tower
 from models.losses import ClipLoss, PairwiseClipLoss, mlm_loss
 from models.mae import MAEDecoder, mae_loss, patchify
 from models.pooling import AttentionPoolConfig, build_attention_pool
-from models.text import TextConfig, TextTower, build_text_tower
+from models.text import TextConfig, TextTower, build_text_tower, load_tokenizer, local_checkpoint
 from models.vit import VisionConfig, VisionTransformer
 
 
@@ -64,6 +65,11 @@ class AlifuseConfig:
     # pretrain: ITC + MAE + MLM; classify: fusion classifier (image + text -> one class);
     # multilabel: image-only multi-label heads (models/heads.py, e.g. the 14 CheXpert labels).
     task: Literal["pretrain", "classify", "multilabel"] = "pretrain"
+    # alifuse: this module's ViT + BERT / LLaMA model. fusion: the CNN + recurrent-text fusion
+    # classifier of models/fusion.py (`fusion` section; task classify; its tokenizer is the one
+    # in text.checkpoint, its classes and loss weight are num_classes and cls_weight below).
+    arch: Literal["alifuse", "fusion"] = "alifuse"
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text_tower: Literal["bert", "llama"] = "bert"  # which of `text` / `llama` is the tower
     text: TextConfig = field(default_factory=TextConfig)
@@ -119,6 +125,10 @@ class AlifuseConfig:
             and self.vision.mask_ratio == 0
         ):
             raise ValueError("vision.mask_ratio=0 with mae_weight > 0: MAE needs masked patches")
+        if self.arch == "fusion" and self.task != "classify":
+            raise ValueError(
+                f"task={self.task}: arch=fusion is a classifier; expected task: classify"
+            )
         if self.text_tower == "llama":
             if self.task == "pretrain" and self.mlm_weight:
                 raise ValueError(
@@ -424,12 +434,17 @@ class AlifuseModel(nn.Module):
 
 def build_model(
     cfg: AlifuseConfig, device: str | torch.device | None = None
-) -> AlifuseModel | MultiLabelModel:
-    """The model for `cfg.task`: the text tower (`cfg.text` or `cfg.llama`, a local
-    checkpoint) and the composed model, or the image-only multi-label model (no text tower).
+) -> AlifuseModel | MultiLabelModel | FusionModel:
+    """The model for `cfg.arch` and `cfg.task`: the text tower (`cfg.text` or `cfg.llama`, a
+    local checkpoint) and the composed model, the image-only multi-label model (no text
+    tower), or the CNN + RNN fusion classifier (the tokenizer of `cfg.text.checkpoint`).
 
     `device` is where a 4-bit LLaMA tower is quantized at load time (None: where it loads).
     """
+    if cfg.arch == "fusion":
+        folder = local_checkpoint(cfg.text.checkpoint, "text.checkpoint", "a tokenizer")
+        tokenizer = load_tokenizer(folder, "text.checkpoint")
+        return build_fusion_model(cfg.fusion, cfg.num_classes, cfg.cls_weight, tokenizer)
     if cfg.task == "multilabel":
         return MultiLabelModel(cfg.vision, cfg.multilabel, loss_weight=cfg.cls_weight)
     if cfg.text_tower == "llama":

@@ -29,7 +29,7 @@ depend on what sits in the padded positions or on how much padding there is.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -82,7 +82,7 @@ class CnnConfig:
 class RnnTextConfig:
     """Recurrent text encoder: token embedding, then a (bi)directional GRU or LSTM."""
 
-    vocab_size: int = 30522  # the BERT uncased WordPiece vocabulary
+    vocab_size: int = 0  # 0: the tokenizer's size (the trainer builds it from text.checkpoint)
     embed_dim: int = 256
     hidden_size: int = 256  # per direction; the output width doubles when bidirectional
     num_layers: int = 2
@@ -91,9 +91,11 @@ class RnnTextConfig:
     dropout: float = 0.1  # on the embeddings and between recurrent layers
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
+        for name in ("embed_dim", "hidden_size", "num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size={self.vocab_size}: expected >= 1, or 0 (the tokenizer's)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: expected a value in [0, 1)")
 
@@ -104,9 +106,10 @@ class RnnTextConfig:
 
 @dataclass
 class FusionConfig:
-    """The fusion classifier: both encoders, the fusion mode, the head, the loss weight."""
+    """The fusion classifier: both encoders, the fusion mode, the head. The number of classes
+    and the loss weight belong to the model section (`model.num_classes`, `model.cls_weight`)
+    and are passed to `FusionModel`."""
 
-    task: Literal["classify"] = "classify"  # the only task; the trainer reads `model.task`
     image: CnnConfig = field(default_factory=CnnConfig)
     text: RnnTextConfig = field(default_factory=RnnTextConfig)
     mode: Literal["early", "late", "intermediate"] = "intermediate"
@@ -114,10 +117,8 @@ class FusionConfig:
     num_heads: int = 8
     depth: int = 2  # transformer blocks (early) or cross-attention rounds (intermediate)
     mlp_ratio: float = 4.0  # of the transformer and cross-attention blocks
-    num_classes: int = 3
     hidden: int = 512  # the classifier MLP's hidden width
     dropout: float = 0.1  # in the classifier MLP
-    cls_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("dim", "num_heads", "hidden"):
@@ -130,12 +131,8 @@ class FusionConfig:
             raise ValueError(f"depth={self.depth}: expected >= {min_depth} with mode={self.mode}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio={self.mlp_ratio}: expected > 0")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes={self.num_classes}: expected >= 2")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: expected a value in [0, 1)")
-        if self.cls_weight <= 0:
-            raise ValueError(f"cls_weight={self.cls_weight}: expected > 0 (the only objective)")
 
 
 # ---- pooling --------------------------------------------------------------------------------
@@ -267,6 +264,11 @@ class RnnTextEncoder(nn.Module):
 
     def __init__(self, cfg: RnnTextConfig) -> None:
         super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError(
+                f"vocab_size={cfg.vocab_size}: expected >= 1 (0 is resolved from the tokenizer "
+                "by build_fusion_model)"
+            )
         self.cfg = cfg
         self.out_dim = cfg.out_dim
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
@@ -422,11 +424,20 @@ FUSIONS: dict[str, type[nn.Module]] = {
 
 class FusionModel(nn.Module):
     """Image + text -> class. Parts: `image` (CnnEncoder), `text` (RnnTextEncoder), `fusion`
-    (the configured mode's module), `head` (MLP over the fused feature)."""
+    (the configured mode's module), `head` (MLP over the fused feature). `tokenizer` is what
+    the reader tokenizes the texts with (its ids index the RNN's embedding)."""
 
-    def __init__(self, cfg: FusionConfig) -> None:
+    def __init__(
+        self, cfg: FusionConfig, num_classes: int, cls_weight: float = 1.0, tokenizer: Any = None
+    ) -> None:
         super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}: expected >= 2")
+        if cls_weight <= 0:
+            raise ValueError(f"cls_weight={cls_weight}: expected > 0 (the only objective)")
         self.cfg = cfg
+        self.cls_weight = cls_weight
+        self.tokenizer = tokenizer
         self.image = CnnEncoder(cfg.image)
         self.text = RnnTextEncoder(cfg.text)
         self.fusion = FUSIONS[cfg.mode](self.image.num_features, self.text.out_dim, cfg)
@@ -434,7 +445,7 @@ class FusionModel(nn.Module):
             nn.Linear(self.fusion.out_dim, cfg.hidden),
             nn.GELU(),
             nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity(),
-            nn.Linear(cfg.hidden, cfg.num_classes),
+            nn.Linear(cfg.hidden, num_classes),
         )
         self.head.apply(init_vit_weights)
 
@@ -449,10 +460,26 @@ class FusionModel(nn.Module):
         other keys are ignored. -> cls_loss (cross-entropy times cls_weight), logits (B, K)."""
         logits = self.forward_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
         loss = F.cross_entropy(logits.float(), batch["label"])
-        return {"cls_loss": self.cfg.cls_weight * loss, "logits": logits}
+        return {"cls_loss": self.cls_weight * loss, "logits": logits}
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay: tokens, modality embeddings, norms, biases,
         gates."""
         named = {"fusion.cls_token", "fusion.image_type", "fusion.text_type"}
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in named}
+
+
+def build_fusion_model(
+    cfg: FusionConfig, num_classes: int, cls_weight: float, tokenizer: Any
+) -> FusionModel:
+    """The fusion classifier for a tokenizer: `text.vocab_size` 0 becomes the tokenizer's size;
+    a smaller explicit vocabulary than the tokenizer's is an error (ids would overflow)."""
+    size = len(tokenizer)
+    vocab = cfg.text.vocab_size or size
+    if vocab < size:
+        raise ValueError(
+            f"fusion.text.vocab_size={vocab}: the tokenizer has {size} tokens; use 0 (the "
+            "tokenizer's size) or a larger value"
+        )
+    cfg = replace(cfg, text=replace(cfg.text, vocab_size=vocab))
+    return FusionModel(cfg, num_classes, cls_weight, tokenizer)

@@ -247,11 +247,7 @@ def local_checkpoint(checkpoint: str, key: str, what: str) -> Path:
 def _load(cfg: TextConfig):
     """(masked-LM model, tokenizer) from the local folder, with errors that name the folder."""
     folder = local_checkpoint(cfg.checkpoint, "text.checkpoint", "a BERT-family model")
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"text.checkpoint={cfg.checkpoint}: no tokenizer in the folder "
-            f"(expected one of {', '.join(_TOKENIZER_FILES)})"
-        )
+    tokenizer = load_tokenizer(folder, "text.checkpoint")
     try:
         model = AutoModelForMaskedLM.from_pretrained(
             folder, attn_implementation="sdpa", local_files_only=True
@@ -260,13 +256,20 @@ def _load(cfg: TextConfig):
         raise FileNotFoundError(
             f"text.checkpoint={cfg.checkpoint}: cannot load a masked-LM model: {err}"
         ) from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise FileNotFoundError(
-            f"text.checkpoint={cfg.checkpoint}: cannot load the tokenizer: {err}"
-        ) from err
     return model, tokenizer
+
+
+def load_tokenizer(folder: Path, key: str):
+    """The tokenizer saved in a local checkpoint folder; errors name `key` and the folder."""
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{key}={folder}: no tokenizer in the folder "
+            f"(expected one of {', '.join(_TOKENIZER_FILES)})"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise FileNotFoundError(f"{key}={folder}: cannot load the tokenizer: {err}") from err
 
 
 def _check(cfg: TextConfig, model: nn.Module, tokenizer) -> None:

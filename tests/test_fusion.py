@@ -43,15 +43,15 @@ def tiny_config(mode: str, spatial_dims: int = 2, cell: str = "gru", **overrides
     text = RnnTextConfig(
         vocab_size=VOCAB, embed_dim=16, hidden_size=12, num_layers=1, cell=cell, dropout=0.0
     )
-    base = dict(
-        image=image, text=text, mode=mode, dim=16, num_heads=2, depth=1, num_classes=2, hidden=32
-    )
+    base = dict(image=image, text=text, mode=mode, dim=16, num_heads=2, depth=1, hidden=32)
     return FusionConfig(**{**base, "dropout": 0.0, **overrides})
 
 
-def make_model(cfg: FusionConfig, seed: int = 0) -> FusionModel:
+def make_model(
+    cfg: FusionConfig, seed: int = 0, num_classes: int = 2, cls_weight: float = 1.0
+) -> FusionModel:
     torch.manual_seed(seed)
-    return FusionModel(cfg)
+    return FusionModel(cfg, num_classes, cls_weight)
 
 
 def separable_batch(cfg: FusionConfig, batch_size: int = 8, length: int = 10, seed: int = 0):
@@ -156,8 +156,8 @@ def test_text_mask_must_be_right_padded_and_non_empty() -> None:
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("mode", MODES)
 def test_outputs(mode: str, spatial_dims: int) -> None:
-    cfg = tiny_config(mode, spatial_dims, num_classes=3, cls_weight=2.0)
-    model = make_model(cfg)
+    cfg = tiny_config(mode, spatial_dims)
+    model = make_model(cfg, num_classes=3, cls_weight=2.0)
     batch = separable_batch(cfg, batch_size=4)
     batch["label"] = torch.tensor([0, 1, 2, 1])
     out = model(batch)
@@ -290,8 +290,10 @@ def test_no_weight_decay() -> None:
         (lambda: RnnTextConfig(dropout=1.0), "dropout=1.0"),
         (lambda: FusionConfig(dim=30, num_heads=4), "num_heads=4: expected a divisor of dim=30"),
         (lambda: FusionConfig(mode="early", depth=0), "depth=0"),
-        (lambda: FusionConfig(num_classes=1), "num_classes=1"),
-        (lambda: FusionConfig(cls_weight=0.0), "cls_weight=0.0"),
+        (lambda: FusionModel(tiny_config("late"), num_classes=1), "num_classes=1"),
+        (lambda: FusionModel(tiny_config("late"), 2, cls_weight=0.0), "cls_weight=0.0"),
+        (lambda: RnnTextConfig(vocab_size=-1), "vocab_size=-1"),
+        (lambda: FusionModel(FusionConfig(), 2), "vocab_size=0: expected >= 1"),
         (lambda: FusionConfig(dropout=-0.1), "dropout=-0.1"),
     ],
 )
@@ -301,7 +303,7 @@ def test_bad_configs_raise(build, match: str) -> None:
 
 
 def test_late_mode_needs_no_depth() -> None:
-    FusionModel(tiny_config("late", depth=0))
+    FusionModel(tiny_config("late", depth=0), 2)
 
 
 def test_group_norm_check_is_skipped_for_batch_norm() -> None:
@@ -317,7 +319,7 @@ def test_loads_through_the_config_schema() -> None:
         "text": {"cell": "lstm", "vocab_size": VOCAB},
     }
     cfg = from_dict(FusionConfig, data)
-    assert cfg.image.widths == [8, 16] and cfg.text.cell == "lstm" and cfg.task == "classify"
+    assert cfg.image.widths == [8, 16] and cfg.text.cell == "lstm"
     assert from_dict(FusionConfig, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="text.cell='rnn'"):
         from_dict(FusionConfig, {"text": {"cell": "rnn"}})

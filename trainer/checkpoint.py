@@ -29,15 +29,35 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return done[-1] if done else None
 
 
+def best_dir(output_dir: str) -> Path:
+    """Where early stopping keeps the best validation state (not a resume candidate)."""
+    return Path(output_dir) / "checkpoints" / "best"
+
+
+def _save_state(accelerator: Accelerator, path: Path, state: dict) -> None:
+    if accelerator.is_main_process and (path / STATE_FILE).is_file():
+        (path / STATE_FILE).unlink()  # incomplete until the new state file is written
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))  # collective under DeepSpeed: every rank calls it
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / STATE_FILE).write_text(json.dumps(state))
+
+
+def save_best(accelerator: Accelerator, output_dir: str, step: int, batches_consumed: int) -> Path:
+    """The full state at the best validation so far, replacing the previous best."""
+    path = best_dir(output_dir)
+    _save_state(accelerator, path, {"step": step, "batches_consumed": batches_consumed})
+    accelerator.wait_for_everyone()
+    return path
+
+
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str, step: int, batches_consumed: int, keep_last: int
 ) -> Path:
     path = checkpoint_dir(output_dir, step)
-    accelerator.save_state(str(path))  # collective under DeepSpeed: every rank calls it
-    accelerator.wait_for_everyone()
+    _save_state(accelerator, path, {"step": step, "batches_consumed": batches_consumed})
     if accelerator.is_main_process:
-        state = {"step": step, "batches_consumed": batches_consumed}
-        (path / STATE_FILE).write_text(json.dumps(state))
         old = sorted(p for p in path.parent.glob("step_*") if p != path)
         for stale in old[: max(0, len(old) - max(keep_last - 1, 0))]:
             shutil.rmtree(stale, ignore_errors=True)

@@ -49,11 +49,24 @@ class TrainConfig:
     # Recall@1/5/10, and zero-shot 14-label AUROC from prompt pairs (chest X-ray shards).
     retrieval: bool = False
     zero_shot: bool = False
+    # Early stopping on a validation metric (a key of the val result: acc, f1, auc, mauc,
+    # itc_loss, ...), checked every eval_every steps: training stops after `patience` evals
+    # without improvement and the run ends on the best checkpoint's weights. "" = off.
+    early_stop_metric: str = ""
+    early_stop_mode: Literal["max", "min"] = "max"
+    early_stop_patience: int = 3
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if self.early_stop_metric and self.eval_every < 1:
+            raise ValueError(
+                f"early_stop_metric={self.early_stop_metric!r} needs eval_every >= 1 (the "
+                "validation runs that it watches)"
+            )
+        if self.early_stop_patience < 1:
+            raise ValueError(f"early_stop_patience={self.early_stop_patience}: expected >= 1")
         for name in ("eval_every", "save_every", "keep_last", "bootstrap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")

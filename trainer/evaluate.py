@@ -13,13 +13,16 @@ from torchmetrics.functional.classification import (
     multiclass_auroc,
     multiclass_confusion_matrix,
     multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
 )
 
 from trainer.cxr_metrics import multilabel_metrics
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """ACC, macro-AUC (one-vs-rest), macro-F1, per-class AUC and the confusion matrix.
+    """ACC, macro-AUC (one-vs-rest), macro precision / recall / F1, per-class AUC and the
+    confusion matrix.
 
     AUC is None where the labels hold a single class (it is undefined there).
     """
@@ -29,6 +32,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     out: dict[str, Any] = {
         "n": int(labels.numel()),
         "acc": multiclass_accuracy(probs, labels, num_classes, average="micro").item(),
+        "precision": multiclass_precision(probs, labels, num_classes, average="macro").item(),
+        "recall": multiclass_recall(probs, labels, num_classes, average="macro").item(),
         "f1": multiclass_f1_score(probs, labels, num_classes, average="macro").item(),
         "confusion": multiclass_confusion_matrix(probs, labels, num_classes).tolist(),
     }

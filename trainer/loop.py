@@ -181,6 +181,48 @@ def evaluate(
     return result
 
 
+class EarlyStopping:
+    """Watches one validation metric: records the best value and step, counts evals without
+    improvement, and says when `patience` of them have passed."""
+
+    def __init__(self, metric: str, mode: str, patience: int) -> None:
+        self.metric, self.mode, self.patience = metric, mode, patience
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+
+    def update(self, step: int, result: dict[str, Any]) -> bool:
+        """Takes a validation result; True when it is the best so far."""
+        value = result.get(self.metric)
+        if not isinstance(value, (int, float)):
+            scalars = sorted(k for k, v in result.items() if isinstance(v, (int, float)))
+            raise KeyError(
+                f"train.early_stop_metric={self.metric!r}: the validation result has no such "
+                f"number (it has: {', '.join(scalars)})"
+            )
+        better = self.best is None or (
+            value > self.best if self.mode == "max" else value < self.best
+        )
+        if better:
+            self.best, self.best_step, self.bad_evals = float(value), step, 0
+        else:
+            self.bad_evals += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_evals >= self.patience
+
+    def summary(self, stopped_at: int) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "mode": self.mode,
+            "best": self.best,
+            "best_step": self.best_step,
+            "stopped_at": stopped_at,
+        }
+
+
 def _flat(prefix: str, result: dict[str, Any]) -> dict[str, float]:
     """The scalar entries of an eval result, prefixed for logging."""
     return {
@@ -249,6 +291,11 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     window: dict[str, float] = defaultdict(float)
     window_steps, window_start = 0, time.perf_counter()
     skipped_by_worker: dict[int, int] = {}
+    stopper = (
+        EarlyStopping(tc.early_stop_metric, tc.early_stop_mode, tc.early_stop_patience)
+        if tc.early_stop_metric
+        else None
+    )
     pbar = tqdm(total=tc.max_steps, initial=step, disable=not (main and tc.progress), desc="train")
     model.train()
     while step < tc.max_steps:
@@ -278,12 +325,30 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             logger.log(step, metrics)
             pbar.set_postfix(loss=f"{means['loss']:.4f}")
             window, window_steps, window_start = defaultdict(float), 0, time.perf_counter()
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+        if tc.eval_every and step % tc.eval_every == 0 and (step < tc.max_steps or stopper):
             result = evaluate(cfg, model, accelerator, move, tokenizer, "val", plots=False)
             logger.log(step, _flat("val", result))
+            if stopper is not None:
+                if stopper.update(step, result):
+                    ckpt.save_best(accelerator, tc.output_dir, step, batches_consumed)
+                if stopper.should_stop:
+                    log.info(
+                        "early stopping at step %d: val %s has not improved on %.6g (step %d) "
+                        "for %d evaluations",
+                        step,
+                        stopper.metric,
+                        stopper.best,
+                        stopper.best_step,
+                        stopper.bad_evals,
+                    )
+                    break
         if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
             ckpt.save_checkpoint(accelerator, tc.output_dir, step, batches_consumed, tc.keep_last)
     pbar.close()
+    if stopper is not None and stopper.best_step is not None and stopper.best_step != step:
+        # The run ends on the best validation weights (optimizer and RNG state included).
+        ckpt.load_checkpoint(accelerator, ckpt.best_dir(tc.output_dir))
+        log.info("restored the best val %s checkpoint (step %d)", stopper.metric, stopper.best_step)
 
     ckpt.save_checkpoint(accelerator, tc.output_dir, step, batches_consumed, tc.keep_last)
     ckpt.export_weights(accelerator, model, tc.output_dir)
@@ -292,6 +357,8 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         results[split] = evaluate(cfg, model, accelerator, move, tokenizer, split, plots=True)
         logger.log(step, _flat(split, results[split]))
     logger.close()
+    if stopper is not None:
+        results["early_stopping"] = stopper.summary(step)
     if main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
         plot_losses(out_dir / "metrics.jsonl", out_dir / "losses.png")

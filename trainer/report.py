@@ -13,6 +13,13 @@ from trainer.cxr_metrics import format_table
 def format_results(results: dict[str, Any], cfg: Config) -> str:
     lines = [f"run folder: {cfg.train.output_dir}"]
     for split, result in results.items():
+        if split == "early_stopping":
+            lines.append(
+                f"early stopping on val {result['metric']} ({result['mode']}): best "
+                f"{result['best']:.4f} at step {result['best_step']}, stopped at step "
+                f"{result['stopped_at']}; the weights are the best step's"
+            )
+            continue
         if "mauc" in result:
             ci = result.get("mauc_ci")
             interval = "" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"
@@ -22,7 +29,8 @@ def format_results(results: dict[str, Any], cfg: Config) -> str:
         elif "acc" in result:
             auc = "n/a" if result["auc"] is None else f"{result['auc']:.4f}"
             lines.append(
-                f"{split}: ACC {result['acc']:.4f}  macro-AUC {auc}  F1 {result['f1']:.4f}  "
+                f"{split}: ACC {result['acc']:.4f}  macro-AUC {auc}  "
+                f"P {result['precision']:.4f}  R {result['recall']:.4f}  F1 {result['f1']:.4f}  "
                 f"(n={result['n']})"
             )
             for cohort, r in result.get("per_cohort", {}).items():
