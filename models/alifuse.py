@@ -71,7 +71,9 @@ class AlifuseConfig:
     arch: Literal["alifuse", "fusion"] = "alifuse"
     fusion: FusionConfig = field(default_factory=FusionConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    text_tower: Literal["bert", "llama"] = "bert"  # which of `text` / `llama` is the tower
+    # Which of `text` / `llama` is the text tower; none: image-only MAE pretraining (the
+    # MAE-only baseline), no text is loaded or tokenized.
+    text_tower: Literal["bert", "llama", "none"] = "bert"
     text: TextConfig = field(default_factory=TextConfig)
     llama: LlamaTextConfig = field(default_factory=LlamaTextConfig)
     attention_pool: AttentionPoolConfig = field(default_factory=AttentionPoolConfig)
@@ -129,6 +131,19 @@ class AlifuseConfig:
             raise ValueError(
                 f"task={self.task}: arch=fusion is a classifier; expected task: classify"
             )
+        if self.text_tower == "none":
+            used = {
+                "task": (self.task, "pretrain"),
+                "itc_weight": (self.itc_weight, 0),
+                "mlm_weight": (self.mlm_weight, 0),
+                "cross_layers_image": (self.cross_layers_image, 0),
+            }
+            for name, (value, want) in used.items():
+                if value != want:
+                    raise ValueError(
+                        f"{name}={value}: text_tower=none is image-only MAE pretraining; "
+                        f"expected {name}: {want}"
+                    )
         if self.text_tower == "llama":
             if self.task == "pretrain" and self.mlm_weight:
                 raise ValueError(
@@ -163,12 +178,12 @@ class AlifuseConfig:
 class AlifuseModel(nn.Module):
     """See the module docstring. `forward(batch) -> dict` of weighted `*_loss` terms and more."""
 
-    def __init__(self, cfg: AlifuseConfig, text_tower: TextTower | LlamaTower) -> None:
+    def __init__(self, cfg: AlifuseConfig, text_tower: TextTower | LlamaTower | None) -> None:
         super().__init__()
         self.cfg = cfg
         v = cfg.vision
-        n_text_layers = len(text_tower.layers)
-        if cfg.cross_layers_text > n_text_layers:
+        n_text_layers = 0 if text_tower is None else len(text_tower.layers)
+        if text_tower is not None and cfg.cross_layers_text > n_text_layers:
             raise ValueError(
                 f"cross_layers_text={cfg.cross_layers_text}: expected a value in "
                 f"[0, {n_text_layers}] (the text checkpoint's layers)"
@@ -180,7 +195,8 @@ class AlifuseModel(nn.Module):
         self.use_mlm = pretrain and cfg.mlm_weight > 0
         n_img = cfg.cross_layers_image if (self.use_mae or grounded) else 0
         n_txt = cfg.cross_layers_text if (self.use_mlm or grounded) else 0
-        d_img, d_txt = v.embed_dim, text_tower.hidden_size
+        d_img = v.embed_dim
+        d_txt = 0 if text_tower is None else text_tower.hidden_size
 
         self.visual = VisionTransformer(v)
         self.text = text_tower
@@ -236,8 +252,8 @@ class AlifuseModel(nn.Module):
 
     @property
     def tokenizer(self):
-        """The text tower's tokenizer (the reader tokenizes batches with it)."""
-        return self.text.tokenizer
+        """The text tower's tokenizer (the reader tokenizes batches with it); None without one."""
+        return None if self.text is None else self.text.tokenizer
 
     # ---- parts ---------------------------------------------------------------------------
 
@@ -339,7 +355,7 @@ class AlifuseModel(nn.Module):
             return self._forward_embed(batch)
         if self.cfg.task == "pretrain":
             return self._forward_pretrain(
-                batch["image"], batch["input_ids"], batch["attention_mask"]
+                batch["image"], batch.get("input_ids"), batch.get("attention_mask")
             )
         return self._forward_classify(
             batch["image"], batch["input_ids"], batch["attention_mask"], batch["label"]
@@ -361,10 +377,10 @@ class AlifuseModel(nn.Module):
         return out
 
     def _forward_pretrain(
-        self, image: Tensor, input_ids: Tensor, attention_mask: Tensor
+        self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None
     ) -> dict[str, Tensor]:
         cfg, out = self.cfg, {}
-        text_keep = attention_mask.bool()
+        text_keep = None if attention_mask is None else attention_mask.bool()
         emb = self.visual.embed(image, cfg.vision.mask_ratio)  # visible tokens only
         trunk = self.visual.forward_blocks(emb.tokens, 0, self.image_split)  # (B, 1 + K, Di)
         image_tokens = text_tokens = None
@@ -449,4 +465,6 @@ def build_model(
         return MultiLabelModel(cfg.vision, cfg.multilabel, loss_weight=cfg.cls_weight)
     if cfg.text_tower == "llama":
         return AlifuseModel(cfg, build_llama_tower(cfg.llama, device))
+    if cfg.text_tower == "none":
+        return AlifuseModel(cfg, None)
     return AlifuseModel(cfg, build_text_tower(cfg.text))

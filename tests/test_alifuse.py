@@ -325,3 +325,23 @@ def test_bad_model_config_raises(bert_dir: str) -> None:
     with pytest.raises(ValueError, match="num_classes=1"):
         AlifuseConfig(num_classes=1)
     assert math.isclose(AlifuseConfig().init_temperature, 0.07)
+
+
+def test_image_only_mae_needs_no_text_tower() -> None:
+    cfg = AlifuseConfig(
+        vision=tiny_vision(2),
+        text_tower="none",
+        itc_weight=0.0,
+        mlm_weight=0.0,
+        cross_layers_image=0,
+    )
+    model = build_model(cfg)
+    assert model.text is None and model.tokenizer is None
+    out = model({"image": torch.randn(3, 1, 16, 16)})  # no text in the batch
+    assert set(out) == {"mae_loss"}
+    out["mae_loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="itc_weight=1.0: text_tower=none is image-only"):
+        AlifuseConfig(
+            vision=tiny_vision(2), text_tower="none", mlm_weight=0.0, cross_layers_image=0
+        )

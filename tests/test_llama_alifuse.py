@@ -4,6 +4,8 @@ the embedding / similarity path used by retrieval and zero-shot."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +141,38 @@ def test_embed_and_similarity(bert_dir: str) -> None:
     torch.testing.assert_close(
         plain.similarity(emb["image"], emb["text"]), emb["image"]["emb"] @ emb["text"]["emb"].T
     )
+
+
+def test_paper_scale_llama_preset_runs_at_tiny_size(llama_dir: str) -> None:
+    """configs/cxr_mae_llama_pretrain.yaml's combination (QLoRA LLaMA with gradient
+    checkpointing, attention-pool ITC, grounded MAE) with only the sizes shrunk."""
+    from trainer.config import load_config
+
+    shrink = [
+        f"model.llama.checkpoint={llama_dir}",
+        "model.llama.max_length=12",
+        "model.vision.img_size=16",
+        "model.vision.patch_size=4",
+        "model.vision.embed_dim=32",
+        "model.vision.depth=2",
+        "model.vision.num_heads=2",
+        "model.vision.decoder_embed_dim=32",
+        "model.vision.decoder_depth=1",
+        "model.vision.decoder_num_heads=2",
+        "model.attention_pool.num_heads=2",
+    ]
+    preset = Path(__file__).resolve().parents[1] / "configs" / "cxr_mae_llama_pretrain.yaml"
+    cfg = load_config(str(preset), shrink)
+    assert cfg.model.llama.mode == "qlora" and cfg.model.llama.gradient_checkpointing
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.train()
+    warm_up(model)
+    out = model(tiny_batch(model, batch_size=3))
+    assert set(k for k in out if k.endswith("_loss")) == {"itc_loss", "mae_loss"}
+    (out["itc_loss"] + out["mae_loss"]).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in grads) and any(n.startswith("attention_pool.") for n in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), [
+        n for n, g in grads.items() if g is None or g.abs().sum() == 0
+    ]
