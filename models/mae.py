@@ -81,7 +81,7 @@ class MAEDecoder(nn.Module):
         masked = self.mask_token.expand(B, N + 1 - T, -1)
         patches = torch.cat([x[:, 1:], masked], dim=1)  # [kept, dropped] order
         patches = patches.gather(1, ids_restore[:, :, None].expand(-1, -1, dim))  # patch order
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)  # see vit.embed
         for block in self.blocks:
             x = block(x)
         return self.pred(self.norm(x))[:, 1:]  # drop CLS

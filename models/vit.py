@@ -200,9 +200,12 @@ class VisionTransformer(nn.Module):
         """(B, C, *spatial) -> tokens (B, 1 + K, D) before the blocks, mask, ids_restore."""
         # Inputs may arrive in another float dtype than the weights (bf16 runs, fp16 shards).
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))  # (B, N, D)
-        x = x + self.pos_embed[:, 1:]  # positions before masking: kept tokens keep theirs
+        # Buffers stay float32 when an engine casts only the parameters (DeepSpeed bf16):
+        # follow the tokens' dtype, or the sum would silently promote them back to float32.
+        pos = self.pos_embed.to(x.dtype)
+        x = x + pos[:, 1:]  # positions before masking: kept tokens keep theirs
         x, mask, ids_restore = random_masking(x, mask_ratio)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         return MaskedTokens(torch.cat([cls, x], dim=1), mask, ids_restore)
 
     def forward_blocks(

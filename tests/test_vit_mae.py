@@ -175,3 +175,20 @@ def test_bad_vision_arguments_raise() -> None:
         VisionTransformer(tiny_vision(3))(torch.randn(1, 1, 16, 16, 8))
     with pytest.raises(ValueError, match="multiples of patch_size"):
         patchify(torch.randn(1, 1, 10, 10), 4)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_bf16_parameters_with_float32_buffers(spatial_dims: int) -> None:
+    """DeepSpeed bf16 casts parameters but not buffers: the fixed position tables stay float32
+    and must not promote the tokens back to float32 (LayerNorm would then refuse the mix)."""
+    cfg = tiny_vision(spatial_dims)
+    vit, decoder = VisionTransformer(cfg), MAEDecoder(cfg)
+    for module in (vit, decoder):
+        for param in module.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    assert vit.pos_embed.dtype == decoder.pos_embed.dtype == torch.float32
+    emb = vit.embed(_image(cfg).to(torch.bfloat16), cfg.mask_ratio)
+    tokens = vit.norm(vit.forward_blocks(emb.tokens, 0))
+    pred = decoder(tokens, emb.ids_restore)
+    assert tokens.dtype == pred.dtype == torch.bfloat16
+    assert torch.isfinite(pred.float()).all()
