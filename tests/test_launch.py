@@ -107,3 +107,112 @@ def test_4bit_text_tower_under_zero3_is_refused(ad_shards, tiny_bert, tiny_llama
     assert proc.returncode != 0
     assert "under DeepSpeed ZeRO-3 trains wrongly; use ZeRO-1 or ZeRO-2" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+# A ZeRO-2 JSON as the Hugging Face / DeepSpeed docs ship it: optimizer and scheduler
+# sections and most values "auto", fp16 loss-scaling knobs, offload to the CPU.
+STOCK_ZERO2 = {
+    "fp16": {
+        "enabled": "auto",
+        "loss_scale": 0,
+        "loss_scale_window": 1000,
+        "initial_scale_power": 16,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    },
+    "bf16": {"enabled": "auto"},
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+    },
+    "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": "auto",
+            "warmup_max_lr": "auto",
+            "warmup_num_steps": "auto",
+            "total_num_steps": "auto",
+        },
+    },
+    "zero_optimization": {
+        "stage": 2,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "allgather_partitions": True,
+        "allgather_bucket_size": 2e8,
+        "overlap_comm": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": "auto",
+        "contiguous_gradients": True,
+    },
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "steps_per_print": 2000,
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "wall_clock_breakdown": False,
+}
+
+
+@pytest.fixture(scope="module")
+def zero2_reference(ad_shards, tiny_bert, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2_reference")
+    _launch(
+        ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "configs/deepspeed/zero2.json")],
+        tiny_overrides(ad_shards, tiny_bert, out),
+        "train.max_steps=3",
+        "train.eval_splits=[]",
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "json_file, stage",
+    [("zero1.json", 1), ("zero3.json", 3), ("zero3_offload.json", 3), ("stock_zero2.json", 2)],
+)
+def test_every_zero_config_trains_like_zero2(
+    ad_shards, tiny_bert, tmp_path, zero2_reference, json_file, stage
+):
+    path = REPO / "configs" / "deepspeed" / json_file
+    if json_file == "stock_zero2.json":  # written by someone else, not one of ours
+        path = tmp_path / json_file
+        path.write_text(json.dumps(STOCK_ZERO2, indent=2))
+    out = tmp_path / "run"
+    _launch(
+        ["--use_deepspeed", "--deepspeed_config_file", str(path)],
+        tiny_overrides(ad_shards, tiny_bert, out),
+        "train.max_steps=3",
+        "train.eval_splits=[]",
+    )
+    launch = json.loads((out / "launch.json").read_text())
+    assert launch["zero_stage"] == stage and launch["num_processes"] == 2
+    # Same seed, same data, fp32: the stage only changes where states live, not the math.
+    a, b = losses(zero2_reference), losses(out)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (json_file, step, key)
+    # Consolidated weights in Hugging Face layout, loadable without DeepSpeed.
+    weights = load_file(str(out / "model.safetensors"))
+    reference = build_model(load_config(str(out / "config.yaml")).model).state_dict()
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        k: tuple(v.shape) for k, v in reference.items()
+    }
+
+
+def test_a_json_that_sets_trainer_owned_values_is_refused(ad_shards, tiny_bert, tmp_path):
+    stock = json.loads(json.dumps(STOCK_ZERO2))
+    stock["optimizer"]["params"]["lr"] = 3e-4
+    path = tmp_path / "fixed_lr.json"
+    path.write_text(json.dumps(stock))
+    cmd = launch_cmd(
+        "--num_processes", "2", "--use_deepspeed", "--deepspeed_config_file", str(path)
+    )
+    proc = subprocess.run(
+        cmd + tiny_overrides(ad_shards, tiny_bert, tmp_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "'optimizer' section sets {'lr': 0.0003}" in proc.stderr

@@ -111,11 +111,64 @@ def fill_deepspeed_auto(accelerator: Accelerator, cfg: Config) -> None:
                 f'write "auto" in the JSON so the trainer config owns it'
             )
     for key in ("optimizer", "scheduler"):
-        if key in ds:
+        if key not in ds:
+            continue
+        fixed = {k: v for k, v in ds[key].get("params", {}).items() if v != "auto"}
+        if fixed:
             raise ValueError(
-                f"DeepSpeed config has an '{key}' section; the trainer owns the optimizer and "
-                f"schedule (optim.*): remove it from the JSON"
+                f"DeepSpeed config's '{key}' section sets {fixed}; the trainer owns the "
+                f'optimizer and schedule (optim.*): remove the section or write "auto"'
             )
+        # A stock JSON whose optimizer / scheduler values are all "auto": the trainer's
+        # AdamW and warmup + cosine schedule (optim.*) are what those slots stand for.
+        del ds[key]
+    if optimizer_offloaded(accelerator) and not torch.cuda.is_available():
+        # No GPU: the offloaded fp32 states live where torch's AdamW runs anyway.
+        ds["zero_force_ds_cpu_optimizer"] = False
+
+
+# DeepSpeed's size-dependent "auto" values, from the model's hidden size H as the Hugging
+# Face integration sets them (accelerate can only read H from a `model.config`, which the
+# composed models do not have).
+_HIDDEN_AUTO = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def fill_deepspeed_hidden_auto(accelerator: Accelerator, hidden_size: int) -> None:
+    """Fills the ZeRO bucket-size "auto" slots from the model's widest hidden size."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    for key, rule in _HIDDEN_AUTO.items():
+        if zero.get(key) == "auto":
+            zero[key] = rule(hidden_size)
+
+
+def model_hidden_size(model: torch.nn.Module) -> int:
+    """The widest token width of the model's towers (what bucket sizes scale with)."""
+    widths = [0]
+    for module in model.modules():
+        for name in ("hidden_size", "embed_dim"):
+            value = getattr(module, name, None)
+            if isinstance(value, int):
+                widths.append(value)
+    cfg = getattr(model, "cfg", None)
+    for part in ("vision", "fusion"):
+        sub = getattr(cfg, part, None)
+        widths.append(getattr(sub, "embed_dim", 0) or getattr(sub, "dim", 0) or 0)
+    return max(widths) or 1024
+
+
+def optimizer_offloaded(accelerator: Accelerator) -> bool:
+    """True when the DeepSpeed JSON offloads optimizer states to the CPU."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device == "cpu"
 
 
 def check_launch(accelerator: Accelerator, use_deepspeed: bool) -> None:

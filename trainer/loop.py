@@ -24,7 +24,14 @@ from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.reader import LABEL_NAMES, build_eval_loader, build_train_loader
 from trainer import checkpoint as ckpt
 from trainer.config import Config, save_config
-from trainer.distributed import build_accelerator, describe, model_device
+from trainer.distributed import (
+    build_accelerator,
+    describe,
+    fill_deepspeed_hidden_auto,
+    model_device,
+    model_hidden_size,
+    optimizer_offloaded,
+)
 from trainer.embed_eval import embed_split, retrieval_metrics, zero_shot_metrics
 from trainer.evaluate import predict, score, score_multilabel
 from trainer.metrics_log import MetricLogger
@@ -262,7 +269,8 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("parameters: %.2fM trainable of %.2fM", n_train / 1e6, n_all / 1e6)
-    optimizer = build_optimizer(model, cfg.optim)
+    fill_deepspeed_hidden_auto(accelerator, model_hidden_size(model))
+    optimizer = build_optimizer(model, cfg.optim, optimizer_offloaded(accelerator))
     model, optimizer = accelerator.prepare(model, optimizer)
     move = Mover(accelerator)
 

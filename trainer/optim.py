@@ -52,10 +52,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-    )
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, cpu_offload: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. With ZeRO optimizer offload on a GPU machine, DeepSpeed's
+    CPU AdamW (the same update, vectorised C++ on the host; built on first use) takes the
+    optimizer step; without a GPU the offloaded states are updated by torch's AdamW."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cpu_offload and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adamw_mode=True
+        )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
