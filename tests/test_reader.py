@@ -252,3 +252,28 @@ def test_label_fraction_trains_on_a_nested_seeded_subset(tmp_path):
     assert set(_keys(b for _, b in zip(range(60), iter(stream), strict=False))) != chosen[0.25]
     with pytest.raises(ValueError, match="label_fraction=0: expected a value in"):
         DataConfig(label_fraction=0)
+
+
+def test_two_nodes_of_two_ranks_share_every_epoch_disjointly(tmp_path):
+    """World 4 (2 machines x 2 processes) x 2 loader workers: each sample once per epoch; the
+    eval split (not a multiple of 4) gives every rank the same number of batches."""
+    shards = write_split(tmp_path / "train", n=64, per_shard=4)  # 16 shards, 2 per stream
+    cfg = DataConfig(batch_size=2, num_workers=2, shuffle_buffer=3)
+    seen = []
+    for rank in range(4):
+        stream = TrainStream(shards, cfg, None, 16, rank=rank, world_size=4, seed=7)
+        it = iter(DataLoader(stream, batch_size=None, num_workers=2))
+        seen += _keys(next(it) for _ in range(8))  # one epoch of this rank: 16 samples
+    assert sorted(seen) == [f"k{i:05d}" for i in range(64)]
+    evals = write_split(tmp_path / "val", n=10, per_shard=3)
+    batches = [
+        list(EvalStream(evals, DataConfig(eval_batch_size=2), None, 16, rank=r, world_size=4))
+        for r in range(4)
+    ]
+    assert len({len(b) for b in batches}) == 1  # no rank waits for another at the end
+    valid = [
+        k for rank in batches for b in rank for k, v in zip(b["key"], b["valid"], strict=True) if v
+    ]
+    assert sorted(valid) == [f"k{i:05d}" for i in range(10)]
+    with pytest.raises(ValueError, match="16 shards cannot be split over 4 ranks x 8 loader"):
+        TrainStream(shards, DataConfig(num_workers=8), None, 16, rank=0, world_size=4)
