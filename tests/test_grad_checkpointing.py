@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -19,7 +20,7 @@ def _pair(cfg: VisionConfig) -> tuple[VisionTransformer, VisionTransformer]:
     """The same weights without and with checkpointing."""
     torch.manual_seed(0)
     plain = VisionTransformer(cfg)
-    ckpt = VisionTransformer(VisionConfig(**{**vars(cfg), "grad_checkpointing": True}))
+    ckpt = VisionTransformer(dataclasses.replace(cfg, grad_checkpointing=True))
     ckpt.load_state_dict(plain.state_dict())
     return plain, ckpt
 
