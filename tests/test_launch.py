@@ -193,10 +193,12 @@ def test_every_zero_config_trains_like_zero2(
             assert b[step][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (json_file, step, key)
     # Consolidated weights in Hugging Face layout, loadable without DeepSpeed.
     weights = load_file(str(out / "model.safetensors"))
-    reference = build_model(load_config(str(out / "config.yaml")).model).state_dict()
+    fresh = build_model(load_config(str(out / "config.yaml")).model)
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
-        k: tuple(v.shape) for k, v in reference.items()
+        k: tuple(v.shape) for k, v in fresh.state_dict().items()
     }
+    fresh.load_state_dict(weights)  # strict: every key, no DeepSpeed involved
+    assert torch.equal(fresh.state_dict()["logit_scale"], weights["logit_scale"])
 
 
 def test_a_json_that_sets_trainer_owned_values_is_refused(ad_shards, tiny_bert, tmp_path):
