@@ -62,6 +62,78 @@ H100_BF16_DENSE_FLOPS = 989e12
 MiB = 2**20
 
 
+# ViT sizes and input layouts shared by the ViT benchmarks (bench_mae.py, bench_checkpointing.py).
+VIT_SIZES = {
+    "vit-b": dict(
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    ),
+    "vit-s": dict(
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        decoder_embed_dim=256,
+        decoder_depth=4,
+        decoder_num_heads=8,
+    ),
+}
+VIT_LAYOUTS = {
+    "2D": dict(spatial_dims=2, img_size=224, in_chans=3),
+    "3D": dict(spatial_dims=3),
+}
+
+
+def add_vit_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The flags every ViT benchmark takes: device, size, depth, batch, layouts, precision,
+    timing and --quick."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--size", choices=sorted(VIT_SIZES), help="default: vit-s CPU, vit-b CUDA")
+    parser.add_argument("--depth", type=int, help="encoder depth, overriding the size's")
+    parser.add_argument("--batch", type=int, help="default: 2 on CPU, 64 on CUDA")
+    parser.add_argument(
+        "--layouts", nargs="+", default=list(VIT_LAYOUTS), choices=list(VIT_LAYOUTS)
+    )
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast (default: on for CUDA, off for CPU)",
+    )
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--min-time", type=float, default=0.0, help="seconds per repeat, least")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def resolve_vit_args(args: argparse.Namespace) -> torch.device:
+    """Fills the device-dependent defaults of `add_vit_args` in place; returns the device."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    cuda = device.type == "cuda"
+    args.size = args.size or ("vit-b" if cuda else "vit-s")
+    args.batch = args.batch or (64 if cuda else 2)
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    if cuda:
+        args.warmup, args.repeats = max(args.warmup, 5), max(args.repeats, 10)
+    if args.quick:
+        args.depth = args.depth or 2
+        args.warmup, args.repeats = 2, 3
+    return device
+
+
+def run_header(args: argparse.Namespace, device: torch.device) -> str:
+    """The first line a ViT benchmark prints: versions, device, precision, timing."""
+    return (
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"{'bf16 autocast' if args.bf16 else 'float32'}, batch {args.batch}, "
+        f"warmup {args.warmup}, median of {args.repeats}" + (" (quick)" if args.quick else "")
+    )
+
+
 def sync(device: torch.device) -> None:
     """Waits for the device's queued work, so that wall-clock time covers it."""
     if device.type == "cuda":

@@ -36,7 +36,16 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from bench_attention import median_times, peak_memory, print_table  # scripts/ is on sys.path
+from bench_attention import (  # sibling script: scripts/ is on sys.path
+    VIT_LAYOUTS,
+    VIT_SIZES,
+    add_vit_args,
+    median_times,
+    peak_memory,
+    print_table,
+    resolve_vit_args,
+    run_header,
+)
 from torch import Tensor, nn
 
 from models.vit import VisionConfig, VisionTransformer
@@ -44,11 +53,6 @@ from models.vit import VisionConfig, VisionTransformer
 MAX_TIME_RATIO = 1.5
 MIN_SAVED_RATIO = 3.0
 MiB = 2**20
-SIZES = {
-    "vit-b": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit-s": dict(embed_dim=384, depth=12, num_heads=6),
-}
-LAYOUTS = {"2D": dict(spatial_dims=2, img_size=224, in_chans=3), "3D": dict(spatial_dims=3)}
 NUM_CLASSES = 10
 
 
@@ -74,8 +78,8 @@ def bench_layout(
     layout: str, args: argparse.Namespace, device: torch.device
 ) -> list[tuple[str, dict[str, float], dict[str, int], dict[str, int]]]:
     """(variant label, step seconds, saved bytes, peak bytes) for eager and, if asked, compiled."""
-    model = {**SIZES[args.size], **({"depth": args.depth} if args.depth else {})}
-    cfg = VisionConfig(**model, **LAYOUTS[layout])
+    model = {**VIT_SIZES[args.size], **({"depth": args.depth} if args.depth else {})}
+    cfg = VisionConfig(**model, **VIT_LAYOUTS[layout])
     torch.manual_seed(0)
     towers = {"plain": VisionTransformer(cfg).to(device)}
     towers["ckpt"] = VisionTransformer(dataclasses.replace(cfg, grad_checkpointing=True))
@@ -117,40 +121,12 @@ def bench_layout(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--size", choices=sorted(SIZES), help="default: vit-s on CPU, vit-b CUDA")
-    parser.add_argument("--depth", type=int, help="encoder depth, overriding the size's")
-    parser.add_argument("--batch", type=int, help="default: 2 on CPU, 64 on CUDA")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    parser.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        help="bf16 autocast (default: on for CUDA, off for CPU)",
-    )
+    add_vit_args(parser, "2 blocks, few repeats (< 60 s)")
     parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--min-time", type=float, default=0.0, help="seconds per repeat, least")
-    parser.add_argument("--quick", action="store_true", help="2 blocks, few repeats (< 60 s)")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    cuda = device.type == "cuda"
-    args.size = args.size or ("vit-b" if cuda else "vit-s")
-    args.batch = args.batch or (64 if cuda else 2)
-    args.bf16 = cuda if args.bf16 is None else args.bf16
-    if cuda:
-        args.warmup, args.repeats = max(args.warmup, 5), max(args.repeats, 10)
-    if args.quick:
-        args.depth = args.depth or 2
-        args.warmup, args.repeats = 2, 3
-    size = SIZES[args.size]
-    print(
-        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"{'bf16 autocast' if args.bf16 else 'float32'}, batch {args.batch}, "
-        f"warmup {args.warmup}, median of {args.repeats}" + (" (quick)" if args.quick else "")
-    )
+    device = resolve_vit_args(args)
+    size = VIT_SIZES[args.size]
+    print(run_header(args, device))
     print(
         f"model: {args.size} width {size['embed_dim']}, depth {args.depth or size['depth']}, "
         f"heads {size['num_heads']}; all tokens, CLS -> linear head -> cross-entropy, AdamW"

@@ -40,7 +40,15 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-from bench_attention import median_times, print_table  # sibling script: scripts/ is on sys.path
+from bench_attention import (  # sibling script: scripts/ is on sys.path
+    VIT_LAYOUTS,
+    VIT_SIZES,
+    add_vit_args,
+    median_times,
+    print_table,
+    resolve_vit_args,
+    run_header,
+)
 from torch import Tensor, nn
 
 from models.mae import MAEDecoder, mae_loss, patchify
@@ -49,25 +57,6 @@ from models.vit import VisionConfig, VisionTransformer, random_masking
 TARGET_ENCODER_SPEEDUP = 3.5
 H100_BF16_DENSE_FLOPS = 989e12
 MASK_RATIO = 0.75
-SIZES = {
-    "vit-b": dict(
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-    ),
-    "vit-s": dict(
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        decoder_embed_dim=256,
-        decoder_depth=4,
-        decoder_num_heads=8,
-    ),
-}
-LAYOUTS = {"2D": dict(spatial_dims=2, img_size=224, in_chans=3), "3D": dict(spatial_dims=3)}
 
 
 def full_token_features(
@@ -109,8 +98,8 @@ def bench_layout(
 ) -> tuple[list[list[str]], float]:
     """Table rows of one layout (2D or 3D), and its encoder speedup."""
     overrides = {"depth": args.depth, "decoder_depth": args.decoder_depth}
-    model = {**SIZES[args.size], **{k: v for k, v in overrides.items() if v is not None}}
-    cfg = VisionConfig(**model, **LAYOUTS[layout], mask_ratio=MASK_RATIO)
+    model = {**VIT_SIZES[args.size], **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = VisionConfig(**model, **VIT_LAYOUTS[layout], mask_ratio=MASK_RATIO)
     torch.manual_seed(0)
     vit, decoder = VisionTransformer(cfg).to(device), MAEDecoder(cfg).to(device)
     mask_token = nn.Parameter(torch.randn(1, 1, cfg.embed_dim, device=device) * 0.02)
@@ -201,43 +190,16 @@ def bench_layout(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--size", choices=sorted(SIZES), help="default: vit-s on CPU, vit-b CUDA")
-    parser.add_argument("--depth", type=int, help="encoder depth, overriding the size's")
+    add_vit_args(parser, "small model, few repeats (< 60 s)")
     parser.add_argument("--decoder-depth", type=int, help="decoder depth, overriding the size's")
-    parser.add_argument("--batch", type=int, help="default: 2 on CPU, 64 on CUDA")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    parser.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        help="bf16 autocast (default: on for CUDA, off for CPU)",
-    )
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--min-time", type=float, default=0.0, help="seconds per repeat, least")
-    parser.add_argument("--quick", action="store_true", help="small model, few repeats (< 60 s)")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    cuda = device.type == "cuda"
-    args.size = args.size or ("vit-b" if cuda else "vit-s")
-    args.batch = args.batch or (64 if cuda else 2)
-    args.bf16 = cuda if args.bf16 is None else args.bf16
-    if cuda:
-        args.warmup, args.repeats = max(args.warmup, 5), max(args.repeats, 10)
-    if args.quick:
-        args.depth = args.depth or 2
-        args.decoder_depth = args.decoder_depth if args.decoder_depth is not None else 1
-        args.warmup, args.repeats = 2, 3
-    size = SIZES[args.size]
+    device = resolve_vit_args(args)
+    if args.quick and args.decoder_depth is None:
+        args.decoder_depth = 1
+    size = VIT_SIZES[args.size]
     depth = args.depth or size["depth"]
     dec_depth = size["decoder_depth"] if args.decoder_depth is None else args.decoder_depth
-    print(
-        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"{'bf16 autocast' if args.bf16 else 'float32'}, batch {args.batch}, "
-        f"warmup {args.warmup}, median of {args.repeats}" + (" (quick)" if args.quick else "")
-    )
+    print(run_header(args, device))
     print(
         f"model: {args.size} width {size['embed_dim']}, depth {depth}, heads "
         f"{size['num_heads']}; decoder {size['decoder_embed_dim']} x {dec_depth} blocks; "
