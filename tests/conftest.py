@@ -72,6 +72,19 @@ def llama_overrides(llama: Path, mode: str = "qlora") -> list[str]:
     ]
 
 
+# A ViT small enough for a few CPU steps in seconds (16^3 or 16^2 input, patch 4).
+TINY_VISION = [
+    "model.vision.img_size=16",
+    "model.vision.patch_size=4",
+    "model.vision.embed_dim=32",
+    "model.vision.depth=2",
+    "model.vision.num_heads=2",
+    "model.vision.decoder_embed_dim=32",
+    "model.vision.decoder_depth=1",
+    "model.vision.decoder_num_heads=2",
+]
+
+
 def tiny_overrides(shards: Path, bert: Path, out: Path, task: str = "pretrain") -> list[str]:
     """A model small enough for a few CPU steps in seconds."""
     return [
@@ -82,14 +95,7 @@ def tiny_overrides(shards: Path, bert: Path, out: Path, task: str = "pretrain") 
         "data.eval_batch_size=8",
         "data.shuffle_buffer=16",
         f"model.task={task}",
-        "model.vision.img_size=16",
-        "model.vision.patch_size=4",
-        "model.vision.embed_dim=32",
-        "model.vision.depth=2",
-        "model.vision.num_heads=2",
-        "model.vision.decoder_embed_dim=32",
-        "model.vision.decoder_depth=1",
-        "model.vision.decoder_num_heads=2",
+        *TINY_VISION,
         f"model.text.checkpoint={bert}",
         "model.text.mode=full",
         "model.text.max_length=48",

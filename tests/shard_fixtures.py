@@ -1,9 +1,11 @@
-"""Helpers shared by the shard-writer tests of both verticals."""
+"""Helpers shared by the shard-writer and reader tests of both verticals."""
 
 from __future__ import annotations
 
 import tarfile
 from pathlib import Path
+
+import torch
 
 SPLITS = ("train", "val", "test")
 
@@ -22,3 +24,16 @@ def read_samples(out: Path) -> dict[str, list[dict]]:
                     )
         samples[split] = list(rows.values())
     return samples
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character, enough to check the batching."""
+
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, text in enumerate(texts):
+            codes = [ord(c) % 100 + 1 for c in text][:max_length]
+            ids[i, : len(codes)] = torch.tensor(codes)
+            mask[i, : len(codes)] = 1
+        return {"input_ids": ids, "attention_mask": mask}

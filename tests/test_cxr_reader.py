@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from shard_fixtures import CharTokenizer
 from torch.utils.data import DataLoader
 
 from shards.chexpert import LABEL_NAMES, LabelPolicyConfig, labels_to_array
@@ -42,19 +43,6 @@ CXR_KEYS = {
     "worker",
     "skipped",
 }
-
-
-class CharTokenizer:
-    """A stand-in tokenizer: one id per character, enough to check the batching."""
-
-    def __call__(self, texts, padding, truncation, max_length, return_tensors):
-        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, text in enumerate(texts):
-            codes = [ord(c) % 100 + 1 for c in text][:max_length]
-            ids[i, : len(codes)] = torch.tensor(codes)
-            mask[i, : len(codes)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
 
 
 @pytest.fixture(scope="module")

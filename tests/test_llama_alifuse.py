@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_VISION
 from model_fixtures import CORPUS, tiny_batch, tiny_bert, tiny_config, tiny_vision, warm_up
 
 from models.alifuse import AlifuseConfig, build_model
@@ -151,14 +152,7 @@ def test_paper_scale_llama_preset_runs_at_tiny_size(llama_dir: str) -> None:
     shrink = [
         f"model.llama.checkpoint={llama_dir}",
         "model.llama.max_length=12",
-        "model.vision.img_size=16",
-        "model.vision.patch_size=4",
-        "model.vision.embed_dim=32",
-        "model.vision.depth=2",
-        "model.vision.num_heads=2",
-        "model.vision.decoder_embed_dim=32",
-        "model.vision.decoder_depth=1",
-        "model.vision.decoder_num_heads=2",
+        *TINY_VISION,
         "model.attention_pool.num_heads=2",
     ]
     preset = Path(__file__).resolve().parents[1] / "configs" / "cxr_mae_llama_pretrain.yaml"

@@ -9,22 +9,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from shard_fixtures import CharTokenizer
 from torch.utils.data import DataLoader
 
 from shards.reader import DataConfig, EvalStream, ShardSet, TrainStream, decode_sample
-
-
-class WordTokenizer:
-    """A stand-in tokenizer: one id per character, enough to check the batching."""
-
-    def __call__(self, texts, padding, truncation, max_length, return_tensors):
-        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, text in enumerate(texts):
-            codes = [ord(c) % 100 + 1 for c in text][:max_length]
-            ids[i, : len(codes)] = torch.tensor(codes)
-            mask[i, : len(codes)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
 
 
 def _sample(i: int, size: int = 4) -> dict:
@@ -67,7 +55,7 @@ def test_each_sample_once_across_ranks_and_workers(tmp_path):
     cfg = DataConfig(batch_size=2, num_workers=2, shuffle_buffer=5)
     seen = []
     for rank in range(2):
-        stream = TrainStream(shards, cfg, WordTokenizer(), 16, rank=rank, world_size=2, seed=3)
+        stream = TrainStream(shards, cfg, CharTokenizer(), 16, rank=rank, world_size=2, seed=3)
         loader = DataLoader(stream, batch_size=None, num_workers=2)
         it = iter(loader)
         # One epoch of this rank: its 6 shards = 24 samples = 12 batches over both workers.
@@ -80,7 +68,7 @@ def test_stream_is_deterministic_and_resume_skips_exactly(tmp_path):
     cfg = DataConfig(batch_size=3, num_workers=0, shuffle_buffer=7)
 
     def first(n, start=0):
-        stream = TrainStream(shards, cfg, WordTokenizer(), 16, seed=11)
+        stream = TrainStream(shards, cfg, CharTokenizer(), 16, seed=11)
         stream.set_start(start)
         it = iter(stream)
         return [next(it) for _ in range(n)]
@@ -99,7 +87,7 @@ def test_resume_skip_with_workers(tmp_path):
     cfg = DataConfig(batch_size=2, num_workers=2, shuffle_buffer=4)
 
     def keys(n, start=0):
-        stream = TrainStream(shards, cfg, WordTokenizer(), 16, seed=0)
+        stream = TrainStream(shards, cfg, CharTokenizer(), 16, seed=0)
         stream.set_start(start)
         it = iter(DataLoader(stream, batch_size=None, num_workers=2))
         return [next(it)["key"] for _ in range(n)]
@@ -120,7 +108,7 @@ def test_bad_samples_are_counted_and_skipped(tmp_path, caplog):
     bad[8] = {**nan, "vol.npy": buf.getvalue()}
     shards = write_split(tmp_path / "train", n=12, per_shard=12, bad=bad)
     cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=1)
-    stream = TrainStream(shards, cfg, WordTokenizer(), 16, seed=0)
+    stream = TrainStream(shards, cfg, CharTokenizer(), 16, seed=0)
     it = iter(stream)
     batches = [next(it) for _ in range(4)]  # 8 good samples in the first epoch
     assert sorted(_keys(batches)) == sorted(f"k{i:05d}" for i in range(12) if i not in bad)
@@ -139,7 +127,7 @@ def test_truncated_tar_is_skipped_not_fatal(tmp_path):
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2 + 100])  # cut inside a member
     cfg = DataConfig(batch_size=1, num_workers=0, shuffle_buffer=1)
-    stream = TrainStream(shards, cfg, WordTokenizer(), 16, seed=0)
+    stream = TrainStream(shards, cfg, CharTokenizer(), 16, seed=0)
     it = iter(stream)
     keys = _keys(next(it) for _ in range(7))  # one epoch holds 6 readable samples
     assert set(keys) == {f"k{i:05d}" for i in (0, 1, 4, 5, 6, 7)}  # intact members are read
@@ -152,7 +140,7 @@ def test_eval_stream_pads_ranks_to_equal_batches(tmp_path):
     cfg = DataConfig(eval_batch_size=2)
     per_rank = []
     for rank in range(2):
-        stream = EvalStream(shards, cfg, WordTokenizer(), 16, rank=rank, world_size=2)
+        stream = EvalStream(shards, cfg, CharTokenizer(), 16, rank=rank, world_size=2)
         batches = list(stream)
         assert len(batches) == len(stream) == 2
         per_rank.append(batches)
@@ -166,7 +154,7 @@ def test_too_few_shards_for_ranks_and_workers(tmp_path):
     with pytest.raises(
         ValueError, match="2 shards cannot be split over 2 ranks x 2 loader workers"
     ):
-        TrainStream(shards, DataConfig(num_workers=2), WordTokenizer(), 16, rank=0, world_size=2)
+        TrainStream(shards, DataConfig(num_workers=2), CharTokenizer(), 16, rank=0, world_size=2)
 
 
 def test_missing_manifest_names_the_folder(tmp_path):
@@ -198,7 +186,7 @@ def test_resampled_draws_are_seeded_per_rank_and_allow_few_shards(tmp_path):
     cfg = DataConfig(batch_size=1, num_workers=2, resampled=True, shuffle_buffer=1)
 
     def keys(rank):
-        stream = TrainStream(shards, cfg, WordTokenizer(), 16, rank=rank, world_size=2, seed=5)
+        stream = TrainStream(shards, cfg, CharTokenizer(), 16, rank=rank, world_size=2, seed=5)
         it = iter(DataLoader(stream, batch_size=None, num_workers=2))
         return [next(it)["key"][0] for _ in range(12)]
 
@@ -212,7 +200,7 @@ def test_manifest_format_and_ad_batch_keys(tmp_path, ad_shards):
     assert (shards.format, shards.size, shards.volume_size) == ("medalign-ad-v1", None, None)
     real = ShardSet.load(str(ad_shards / "train"))  # the writer's manifest names its format
     assert real.format == "medalign-ad-v1" and real.volume_size == real.size == 16
-    batch = next(iter(EvalStream(real, DataConfig(eval_batch_size=2), WordTokenizer(), 16)))
+    batch = next(iter(EvalStream(real, DataConfig(eval_batch_size=2), CharTokenizer(), 16)))
     assert set(batch) == {
         "image",
         "input_ids",
