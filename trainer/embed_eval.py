@@ -1,7 +1,8 @@
 """Retrieval and zero-shot evaluation of a contrastive (ITC) model on a split.
 
-Every sample of the split is embedded once (each rank its share, padding rows dropped after
-the gather), then every rank scores the whole split from the model's own `similarity`, so
+Every sample of the split is embedded once, in the evaluation pass that computes the losses
+(each rank its share, padding rows dropped after the gather), then every rank scores the whole
+split from the model's own `similarity`, so
 models whose pair scores are not dot products (attention pooling) are scored the same way
 they were trained:
 
@@ -15,7 +16,7 @@ they were trained:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,43 +33,53 @@ def _split_state(flat: dict[str, Tensor], side: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
-@torch.no_grad()
-def embed_split(
-    model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator, move
-) -> dict[str, Any]:
-    """image / text states of every sample of the split (all ranks), labels where the
-    batches carry them, the retrieval groups (study for CXR, sample key otherwise) and the
-    model's logit scale."""
-    model.eval()
-    parts: dict[str, list[Tensor]] = defaultdict(list)
-    groups: list[Any] = []
-    scale = 1.0
-    for batch in loader:
-        batch = move(batch)
+class SplitEmbeddings:
+    """Collects the image / text states of an evaluation pass batch by batch (each rank its
+    share, during the same pass that computes the losses, so the split is read once);
+    `gather` returns the whole split's."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[Tensor]] = defaultdict(list)
+        self.groups: list[Any] = []
+        self.keys: list[str] = []
+        self.scale = 1.0
+
+    @torch.no_grad()
+    def add(self, model: torch.nn.Module, batch: dict[str, Any]) -> None:
+        """One moved batch through `model(batch, embed=True)` (the model in eval mode)."""
         out = model(batch, embed=True)
         for side in ("image", "text"):
             for key, value in out[side].items():
-                parts[f"{side}.{key}"].append(value.float() if value.is_floating_point() else value)
+                value = value.float() if value.is_floating_point() else value
+                self.parts[f"{side}.{key}"].append(value)
         for key in ("valid", "labels", "label_mask"):
             if key in batch:
-                parts[key].append(batch[key])
-        groups += batch["group"] if "group" in batch else batch["key"]
-        scale = float(out["logit_scale"])
-    model.train()
-    gathered = {
-        k: accelerator.gather(torch.cat(v).to(accelerator.device)).cpu() for k, v in parts.items()
-    }
-    valid = gathered.pop("valid").bool()
-    every = gather_object(groups)
-    kept = {k: v[valid] for k, v in gathered.items()}
-    return {
-        "image": _split_state(kept, "image"),
-        "text": _split_state(kept, "text"),
-        "labels": kept.get("labels"),
-        "label_mask": kept.get("label_mask"),
-        "group": [every[i] for i in valid.nonzero().squeeze(1).tolist()],
-        "logit_scale": scale,
-    }
+                self.parts[key].append(batch[key])
+        self.groups += batch["group"] if "group" in batch else batch["key"]
+        self.keys += batch["key"]
+        self.scale = float(out["logit_scale"])
+
+    def gather(self, accelerator: Accelerator) -> dict[str, Any]:
+        """image / text states of every sample of the split (all ranks, padding dropped),
+        labels where the batches carry them, the retrieval groups (study for CXR, sample key
+        otherwise) and the model's logit scale."""
+        gathered = {
+            k: accelerator.gather(torch.cat(v).to(accelerator.device)).cpu()
+            for k, v in self.parts.items()
+        }
+        valid = gathered.pop("valid").bool()
+        every, keys = gather_object(self.groups), gather_object(self.keys)
+        kept = {k: v[valid] for k, v in gathered.items()}
+        index = valid.nonzero().squeeze(1).tolist()
+        return {
+            "image": _split_state(kept, "image"),
+            "text": _split_state(kept, "text"),
+            "labels": kept.get("labels"),
+            "label_mask": kept.get("label_mask"),
+            "group": [every[i] for i in index],
+            "key": [keys[i] for i in index],
+            "logit_scale": self.scale,
+        }
 
 
 def _on(state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -94,8 +105,9 @@ def zero_shot_metrics(
     move,
     label_names: Sequence[str],
     n_boot: int,
-) -> dict[str, Any]:
-    """Per-label zero-shot AUROC from positive / negative prompt pairs.
+) -> tuple[dict[str, Any], Tensor]:
+    """Per-label zero-shot AUROC from positive / negative prompt pairs, and the probabilities
+    (N, labels) it scored.
 
     `model` is the bare model (its `similarity`), `wrapped` what the accelerator prepared
     (the prompts go through its forward, which ZeRO-3 needs to gather the weights).
@@ -121,6 +133,7 @@ def zero_shot_metrics(
     pos_sim = model.similarity(image, {k: v[:n] for k, v in prompts.items()})
     neg_sim = model.similarity(image, {k: v[n:] for k, v in prompts.items()})
     probs = zero_shot_from_similarity(pos_sim.cpu(), neg_sim.cpu(), 1.0 / emb["logit_scale"])
-    return multilabel_metrics(
+    metrics = multilabel_metrics(
         probs, emb["labels"], emb["label_mask"], list(label_names), n_boot, groups=emb["group"]
     )
+    return metrics, probs

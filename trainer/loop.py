@@ -32,7 +32,7 @@ from trainer.distributed import (
     model_hidden_size,
     optimizer_offloaded,
 )
-from trainer.embed_eval import embed_split, retrieval_metrics, zero_shot_metrics
+from trainer.embed_eval import SplitEmbeddings, retrieval_metrics, zero_shot_metrics
 from trainer.evaluate import predict, score, score_multilabel
 from trainer.metrics_log import MetricLogger
 from trainer.optim import build_optimizer, lr_at, set_lr
@@ -106,19 +106,28 @@ def reduce_mean(accelerator: Accelerator, values: dict[str, float]) -> dict[str,
 
 @torch.no_grad()
 def eval_losses(
-    model, loader, accelerator: Accelerator, move: Mover, seed: int
+    model,
+    loader,
+    accelerator: Accelerator,
+    move: Mover,
+    seed: int,
+    embeddings: SplitEmbeddings | None = None,
 ) -> dict[str, float]:
-    """Mean pretraining losses on a split; the eval's random masks do not touch the train RNG."""
+    """Mean pretraining losses on a split; the eval's random masks do not touch the train RNG.
+    With `embeddings`, each batch's unmasked image / text states are collected in the same pass."""
     model.eval()
     sums: dict[str, float] = defaultdict(float)
     count = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for batch in loader:
-            out = model(move(batch))
+            batch = move(batch)
+            out = model(batch)
             for key, value in out.items():
                 if key.endswith("_loss"):
                     sums[key] += float(value)
+            if embeddings is not None:
+                embeddings.add(model, batch)
             count += 1
     model.train()
     return reduce_mean(accelerator, {k: v / max(count, 1) for k, v in sums.items()})
@@ -138,14 +147,17 @@ def evaluate(
     )
     out = Path(cfg.train.output_dir)
     if cfg.model.task == "pretrain":
-        result: dict[str, Any] = eval_losses(model, loader, accelerator, move, cfg.train.seed)
-        if cfg.train.retrieval or cfg.train.zero_shot:
-            emb = embed_split(model, loader, accelerator, move)
+        collect = SplitEmbeddings() if cfg.train.retrieval or cfg.train.zero_shot else None
+        result: dict[str, Any] = eval_losses(
+            model, loader, accelerator, move, cfg.train.seed, collect
+        )
+        if collect is not None:
+            emb = collect.gather(accelerator)
             bare = accelerator.unwrap_model(model)
             if cfg.train.retrieval:
                 result.update(retrieval_metrics(bare, emb, accelerator.device, (1, 5, 10)))
             if cfg.train.zero_shot:
-                zs = zero_shot_metrics(
+                zs, probs = zero_shot_metrics(
                     bare,
                     model,
                     emb,
@@ -157,6 +169,10 @@ def evaluate(
                 )
                 result["zero_shot_mauc"] = zs["mauc"]
                 result["zero_shot"] = zs
+                if plots and accelerator.is_main_process:
+                    with open(out / f"zero_shot_{split}.jsonl", "w", encoding="utf-8") as fh:
+                        for key, row in zip(emb["key"], probs.tolist(), strict=True):
+                            fh.write(json.dumps({"key": key, "probs": row}) + "\n")
         return result
     if cfg.model.task == "multilabel":
         pred = predict(model, loader, accelerator, move, ("labels", "label_mask"), ("group", "key"))
