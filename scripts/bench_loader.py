@@ -22,7 +22,8 @@ What is measured, side by side in one run (samples/s; ratios are what to read, n
    the shards and run the project's decode function (so only the container differs);
    per-file .nii.gz loads with nibabel (get_fdata float32) and runs the same checks.
 4. Ceiling: the codec decoding the same in-memory bytes in a tight loop, no I/O (bytes ->
-   float32 array: decode_png; np.load + astype). For k workers it is measured with max(1, k)
+   the array the stream delivers: decode_png to float32; np.load of the float16 cube, which
+   the trainer casts on the device). For k workers it is measured with max(1, k)
    processes running the loop at once (summed), not extrapolated: 0 and 1 workers compare
    with one process. "full decode" adds what the stream's decode function does on top of the
    codec (checks, json, labels, tensor), for diagnosis.
@@ -33,13 +34,13 @@ What is measured, side by side in one run (samples/s; ratios are what to read, n
    float32 cube, numpy astype as decode_sample does; NIfTI get_fdata), each vs gzip NIfTI. The
    choice: the smallest encoding unpacking >= 2.5x gzip NIfTI (within 2% of it: the fastest).
 
-Fairness: the page cache cannot be dropped without root, so every loader first runs one untimed
-warm-up epoch (which also starts its workers) and is then timed over whole epochs until
---min-seconds pass: stream and per-file both read from page cache. On cold or network storage
-per-file loading pays a seek per file and the gap would be larger. Each number is the best of
---repeats rounds (other processes share the cores). The main process runs torch with --threads
-intra-op threads (default 1, as in loader workers: with 2, torch.stack in the collate stalled on
-OpenMP on a loaded 2-core machine). Targets (from the issue):
+Fairness: every loader first runs one untimed warm-up epoch (which also starts its workers)
+and is then timed over whole epochs until --min-seconds pass. By default stream and per-file
+both read from the page cache; --cold evicts the data's files from it (posix_fadvise
+DONTNEED, no root needed) before every timed epoch, so both read from the disk. Each number is
+the best of --repeats rounds (other processes share the cores). The main process runs torch
+with --threads intra-op threads (default 1, as in loader workers: with 2, torch.stack in the
+collate stalled on OpenMP on a loaded 2-core machine). Targets (from the issue):
 stream >= 5x per-file, stream >= 0.8x ceiling, chosen volume encoding >= 2.5x gzip NIfTI.
 """
 
@@ -314,7 +315,7 @@ class NiftiFiles(Dataset):
         text = Path(f"{stem}.txt").read_text().strip()
         meta = json.loads(Path(f"{stem}.json").read_text())
         return {
-            "image": torch.from_numpy(volume)[None],
+            "image": volume[None],
             "text": text,
             "label": int(meta["label"]),
             "key": self.keys[index],
@@ -328,15 +329,37 @@ def endless(loader: DataLoader) -> Iterator[dict[str, Any]]:
         yield from loader
 
 
-def time_batches(batches: Iterator[dict[str, Any]], per_epoch: int, min_seconds: float) -> float:
-    """samples/s over whole epochs' worth of batches, after one untimed warm-up epoch."""
+def evict(folder: Path) -> float:
+    """Drops every file under ``folder`` from the page cache (posix_fadvise DONTNEED: no root
+    needed for files one can open); returns the seconds it took."""
+    start = time.perf_counter()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return time.perf_counter() - start
+
+
+def time_batches(
+    batches: Iterator[dict[str, Any]], per_epoch: int, min_seconds: float, cold: Path | None
+) -> float:
+    """samples/s over whole epochs' worth of batches, after one untimed warm-up epoch.
+
+    ``cold``: the folder whose files are evicted from the page cache before every timed epoch
+    (the eviction itself is not timed; batches workers prefetched before it stay warm).
+    """
     for _ in range(per_epoch):
         next(batches)
-    count, start = 0, time.perf_counter()
+    count, start, untimed = 0, time.perf_counter(), 0.0
     while True:
+        if cold is not None:
+            untimed += evict(cold)
         for _ in range(per_epoch):
             count += len(next(batches)["key"])
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - untimed
         if elapsed >= min_seconds:
             return count / elapsed
 
@@ -352,13 +375,15 @@ def stream_rate(shards: Path, workers: int, args: argparse.Namespace) -> float:
     per_epoch = math.ceil(ShardSet.load(str(shards)).num_samples / args.batch_size)
     batches = iter(loader)
     try:
-        return time_batches(batches, per_epoch, args.min_seconds)
+        return time_batches(batches, per_epoch, args.min_seconds, shards if args.cold else None)
     finally:
         del batches, loader
         gc.collect()
 
 
-def per_file_rate(dataset: Dataset, fmt: str, workers: int, args: argparse.Namespace) -> float:
+def per_file_rate(
+    dataset: RawFiles | NiftiFiles, fmt: str, workers: int, args: argparse.Namespace
+) -> float:
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
@@ -370,7 +395,8 @@ def per_file_rate(dataset: Dataset, fmt: str, workers: int, args: argparse.Names
     )
     batches = endless(loader)
     try:
-        return time_batches(batches, len(loader), args.min_seconds)
+        cold = dataset.folder if args.cold else None
+        return time_batches(batches, len(loader), args.min_seconds, cold)
     finally:
         batches.close()
         del batches, loader
@@ -385,7 +411,8 @@ def codec_png(raw: dict[str, Any]) -> np.ndarray:
 
 
 def codec_npy(raw: dict[str, Any]) -> np.ndarray:
-    return np.load(io.BytesIO(raw["vol.npy"]), allow_pickle=False).astype(np.float32)
+    """The stored float16 cube, as the stream delivers it (the cast is done on the device)."""
+    return np.load(io.BytesIO(raw["vol.npy"]), allow_pickle=False)
 
 
 def tight_loop(fn: Callable[[Any], Any], items: Sequence[Any], min_seconds: float) -> float:
@@ -753,6 +780,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads of the main process"
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict the data's files from the page cache before every timed epoch",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     defaults = {
@@ -781,10 +813,16 @@ def header(args: argparse.Namespace) -> None:
         f"(--threads; workers use 1), batch {args.batch_size}, workers {args.workers}, "
         f">= {args.min_seconds:g} s timed per number, best of {args.repeats} rounds"
     )
+    cache = (
+        "--cold: every timed epoch starts with the data's files evicted from the page cache "
+        "(posix_fadvise), so stream and per-file both read from the disk."
+        if args.cold
+        else "Warm: each loader runs one untimed warm-up epoch, so stream and per-file both read "
+        "from the page cache (--cold evicts it before every epoch)."
+    )
     print(
-        "Page cache is not dropped (needs root): each loader runs one untimed warm-up epoch, so "
-        "stream and per-file both read from page cache.\nceiling = codec on in-memory bytes "
-        "(bytes -> float32 array), measured with max(1, workers) processes at once; full dec = "
+        f"{cache}\nceiling = codec on in-memory bytes (bytes -> the array the stream delivers: "
+        "float32 X-ray, float16 volume), measured with max(1, workers) processes at once; full dec = "
         "the stream's whole decode function the same way.\nTargets: stream/per-file >= "
         f"{TARGET_PER_FILE}x, stream/ceiling >= {TARGET_CEILING}x, codec >= {TARGET_GZIP}x gzip."
     )

@@ -21,7 +21,8 @@ and worker split, resume skipping, resampling and eval padding work on raw tar s
 the same for both. The batch keys are fixed per format:
 
   medalign-ad-v1 (Alzheimer's volumes, shards/writer.py):
-    image (B, 1, S, S, S) float32, input_ids (B, L) long, attention_mask (B, L) long,
+    image (B, 1, S, S, S) float16 as stored (the trainer casts it on the device; a volume
+    stored in another dtype is read as float32), input_ids (B, L) long, attention_mask (B, L) long,
     label (B,) long (data.label_mode: three_class NC/MCI/AD or binary), valid (B,) bool,
     key / cohort / split (lists of str), worker, skipped
 
@@ -42,9 +43,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+import mmap
 import os
 import random
 import tarfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.chexpert import NUM_LABELS as CXR_NUM_LABELS
@@ -184,6 +188,51 @@ class SkipCounter:
         return sum(self.counts.values())
 
 
+# The largest header of a version 1.0 .npy file (magic, version, 2-byte length, 65535 bytes).
+_NPY_HEADER_MAX = 10 + 65535
+_CHUNK = 1 << 18  # elements per finiteness test: temporaries stay small and cache-resident
+
+
+def npy_array(data: bytes | memoryview, where: str) -> np.ndarray:
+    """An .npy member as an array over ``data`` itself (no copy: read-only when ``data`` is).
+
+    np.load would copy the bytes twice through 256 KB blocks; here the batch's stack is the
+    only copy of a volume. Raises ValueError naming ``where`` for anything but a complete,
+    numeric .npy.
+    """
+    head = io.BytesIO(bytes(data[:_NPY_HEADER_MAX]))
+    try:
+        version = np.lib.format.read_magic(head)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(head)
+    except ValueError as exn:
+        raise ValueError(f"{where} is not a readable .npy file ({exn})") from exn
+    if dtype.hasobject:
+        raise ValueError(f"{where} holds Python objects (dtype {dtype}); expected numbers")
+    count = math.prod(shape)
+    if head.tell() + count * dtype.itemsize != len(data):
+        raise ValueError(
+            f"{where} has {len(data) - head.tell()} data bytes; shape {shape} of {dtype} "
+            f"needs {count * dtype.itemsize}"
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _all_finite(volume: np.ndarray) -> bool:
+    flat = volume.reshape(-1, order="A")  # a view for C- or Fortran-ordered arrays
+    if flat.dtype != np.float16:
+        return bool(np.isfinite(flat).all())
+    bits = flat.view(np.uint16)  # inf / nan: all exponent bits set; 10x np.isfinite's speed
+    return not any(
+        ((bits[i : i + _CHUNK] & 0x7C00) == 0x7C00).any() for i in range(0, bits.size, _CHUNK)
+    )
+
+
 def decode_sample(raw: dict[str, Any], label_mode: str) -> dict[str, Any]:
     """Decodes one tar sample of format medalign-ad-v1; raises ValueError naming what is wrong."""
     key = raw.get("__key__", "?")
@@ -191,14 +240,15 @@ def decode_sample(raw: dict[str, Any], label_mode: str) -> dict[str, Any]:
     for member in ("vol.npy", "txt", "json"):
         if member not in raw:
             raise ValueError(f"{url}: sample {key} has no '{member}' member")
-    volume = np.load(io.BytesIO(raw["vol.npy"]), allow_pickle=False)
+    volume = npy_array(raw["vol.npy"], f"{url}: sample {key} vol.npy")
     if volume.ndim != 3:
         raise ValueError(f"{url}: sample {key} volume has shape {volume.shape}, expected 3-D")
-    # Checked after the float32 conversion: numpy's isfinite is about 20x faster on float32
-    # than on float16 (scripts/bench_loader.py measures the decode).
-    image = torch.from_numpy(volume.astype(np.float32))
-    if not np.isfinite(image.numpy()).all():
+    if not _all_finite(volume):
         raise ValueError(f"{url}: sample {key} volume has non-finite voxels")
+    # float16 volumes stay float16 up to the device (half the bytes to stack, to pass between
+    # loader processes and to copy); trainer.loop.Mover casts them there.
+    if volume.dtype != np.float16:
+        volume = volume.astype(np.float32)
     text = raw["txt"].decode("utf-8").strip()
     if not text:
         raise ValueError(f"{url}: sample {key} has empty text")
@@ -209,7 +259,7 @@ def decode_sample(raw: dict[str, Any], label_mode: str) -> dict[str, Any]:
     if label_mode == "binary":
         label = int(label > 0)
     return {
-        "image": image[None],  # (1, S, S, S) float32
+        "image": volume[None],  # (1, S, S, S) float16 as stored (float32 for other dtypes)
         "text": text,
         "label": label,
         "key": key,
@@ -265,7 +315,7 @@ def decode_cxr_sample(
         raise ValueError(f"{url}: sample {key} has no study id")
     targets, mask = policy.apply(labels_to_array(values))
     return {
-        "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],  # (1,S,S)
+        "image": np.ascontiguousarray(image, dtype=np.float32)[None],  # (1, S, S)
         "text": text,
         "labels": torch.from_numpy(targets),
         "label_mask": torch.from_numpy(mask),
@@ -282,6 +332,21 @@ def sample_decoder(shards: ShardSet, cfg: DataConfig) -> Callable[[dict[str, Any
     return partial(decode_sample, label_mode=cfg.label_mode)
 
 
+def _stack_images(images: list[np.ndarray]) -> torch.Tensor:
+    """Stacks decoded images into one tensor: the one copy a sample's pixels make.
+
+    In a loader worker torch's default_collate stacks straight into shared memory, so handing
+    the batch to the main process copies nothing more. Elsewhere numpy allocates it (numpy asks
+    for huge pages on large arrays: a 32 MB float16 batch stacks about 3x faster than into a
+    fresh torch tensor on Linux).
+    """
+    if get_worker_info() is not None:
+        with warnings.catch_warnings():  # read-only inputs (views of bytes) are only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return default_collate([torch.from_numpy(image) for image in images])
+    return torch.from_numpy(np.stack(images))
+
+
 class _Batcher:
     """Collates decoded samples and tokenizes their texts to a fixed length."""
 
@@ -293,7 +358,7 @@ class _Batcher:
         self.format = fmt
 
     def __call__(self, samples: list[dict[str, Any]], valid: list[bool]) -> dict[str, Any]:
-        out = {"image": torch.stack([s["image"] for s in samples])}
+        out = {"image": _stack_images([s["image"] for s in samples])}
         if self.tokenizer is not None:  # image-only models batch no text
             tokens = self.tokenizer(
                 [s["text"] for s in samples],
@@ -320,8 +385,49 @@ class _Batcher:
         return out
 
 
+# Members decoded as arrays straight from the mapped shard (no copy); the rest become bytes.
+_MAPPED_SUFFIXES = (".npy", ".png")
+
+
+def _tar_members(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """(name, data) of every regular member of local tar shards, in order, then {} per shard.
+
+    The shards are local files: tarfile reads each header, and the data of image members is a
+    view of the memory-mapped shard (copy-on-write, so an array over it is writable without
+    touching the file); the batch's stack is then the one copy a volume makes. webdataset's
+    reader opens tars as streams and copies every member through 10 KB blocks: reading and
+    decoding a 4 MB volume that way took about 6 ms against 1 ms here
+    (scripts/bench_loader.py). A shard that turns out corrupt is counted and left at the first
+    bad header or member; its intact members before that point are kept.
+    """
+    for url in urls:
+        try:
+            with open(url, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
+                mapped = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
+                while (member := tar.next()) is not None:
+                    if member.isreg() and not member.name.startswith("__"):
+                        end = member.offset_data + member.size
+                        if end > len(mapped):
+                            raise tarfile.ReadError(
+                                f"member {member.name} ends at byte {end}, past the end of the "
+                                f"file ({len(mapped)} bytes)"
+                            )
+                        data = mapped[member.offset_data : end]
+                        if not member.name.endswith(_MAPPED_SUFFIXES):
+                            data = data.tobytes()
+                        yield {"fname": member.name, "data": data, "__url__": url}
+                    tar.members.clear()  # random-access mode would keep every header
+                # tarfile ends quietly at a bad or cut header past the first one; a tar that
+                # really ended has only zero blocks after its last member.
+                if any(mapped[tar.offset : tar.offset + (1 << 20)]):
+                    raise tarfile.ReadError(f"unreadable header at byte {tar.offset}")
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
+            counter(ValueError(f"{url}: {exn}"))
+        yield {}  # end of shard: a sample never spans two shards
+
+
 def _read_tars(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    yield from wds.tarfile_to_samples(handler=counter)(iter([{"url": u} for u in urls]))
+    yield from wds.tariterators.group_by_keys(_tar_members(urls, counter), handler=counter)
 
 
 def sample_keys(shards: ShardSet) -> list[str]:
@@ -503,9 +609,14 @@ class EvalStream(IterableDataset):
             if index % self.world_size != self.rank:
                 continue
             try:
-                mine.append(self.decode(raw))
+                sample = self.decode(raw)
             except Exception as err:
                 self.counter.add("undecodable", str(err))
+                continue
+            # A copy, not a view of the mapped shard: the whole split is held until batched,
+            # and a view would keep every shard's mapping (and its file descriptor) open.
+            sample["image"] = np.array(sample["image"])
+            mine.append(sample)
         if not mine:
             raise RuntimeError(f"{self.shards.folder}: rank {self.rank} read no valid sample")
         valid = [True] * len(mine)
@@ -549,6 +660,7 @@ def build_train_loader(
         batch_size=None,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),  # so Mover's non_blocking copies overlap
         # Worker seeds come from this generator, so starting the loader never draws from the
         # global RNG (which the model's masking uses and checkpoints restore).
         generator=torch.Generator().manual_seed(seed),

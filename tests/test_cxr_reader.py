@@ -58,7 +58,10 @@ def cxr_shards(tmp_path_factory) -> Path:
 def raw_samples(split_dir: Path) -> dict[str, dict]:
     """key -> raw tar sample (bytes members), in shard order."""
     urls = [p for p, _ in ShardSet.load(str(split_dir)).shards]
-    return {raw["__key__"]: raw for raw in _read_tars(urls, SkipCounter())}
+    return {
+        raw["__key__"]: {k: v.tobytes() if isinstance(v, memoryview) else v for k, v in raw.items()}
+        for raw in _read_tars(urls, SkipCounter())
+    }
 
 
 def write_samples(folder: Path, samples: list[dict], per_shard: int, **manifest) -> ShardSet:

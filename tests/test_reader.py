@@ -9,10 +9,21 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from accelerate import Accelerator
 from shard_fixtures import CharTokenizer
 from torch.utils.data import DataLoader
 
-from shards.reader import DataConfig, EvalStream, ShardSet, TrainStream, decode_sample
+from shards.reader import (
+    DataConfig,
+    EvalStream,
+    ShardSet,
+    SkipCounter,
+    TrainStream,
+    _read_tars,
+    decode_sample,
+    npy_array,
+)
+from trainer.loop import Mover
 
 
 def _sample(i: int, size: int = 4) -> dict:
@@ -265,3 +276,121 @@ def test_two_nodes_of_two_ranks_share_every_epoch_disjointly(tmp_path):
     assert sorted(valid) == [f"k{i:05d}" for i in range(10)]
     with pytest.raises(ValueError, match="16 shards cannot be split over 4 ranks x 8 loader"):
         TrainStream(shards, DataConfig(num_workers=8), None, 16, rank=0, world_size=4)
+
+
+# --------------------------------------------------------------------------- fast local path
+
+
+def _distinct_sample(i: int, size: int = 6) -> dict:
+    vol = np.random.default_rng(i).standard_normal((size, size, size)).astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, vol)
+    return {**_sample(i), "vol.npy": buf.getvalue()}
+
+
+def test_local_tar_reader_reads_what_webdataset_reads(tmp_path):
+    shards = write_split(tmp_path / "t", n=10, per_shard=4)  # the last shard is short
+    urls = [path for path, _ in shards.shards]
+    ours = list(_read_tars(urls, SkipCounter()))
+    theirs = list(wds.tarfile_to_samples()(iter({"url": u} for u in urls)))
+    assert len(ours) == len(theirs) == 10
+    for a, b in zip(ours, theirs, strict=True):
+        assert set(a) == set(b)
+        for name in b:
+            value = a[name]
+            assert (value.tobytes() if isinstance(value, memoryview) else value) == b[name], name
+    assert isinstance(ours[0]["vol.npy"], memoryview)  # image members are not copied
+    assert isinstance(ours[0]["txt"], bytes)
+
+
+@pytest.mark.parametrize("damage", ["garbage_header", "cut_in_header"])
+def test_damaged_tar_is_counted_and_its_intact_members_kept(tmp_path, damage):
+    shards = write_split(tmp_path / "t", n=4, per_shard=4)
+    path = shards.shards[0][0]
+    data = open(path, "rb").read()
+    with tarfile.open(path) as tar:
+        third = next(m for m in tar.getmembers() if m.name.startswith("k00002"))
+    head = data[: third.offset]  # samples 0 and 1 are whole
+    rest = data[third.offset :]
+    tail = b"\x17" * 600 + rest if damage == "garbage_header" else rest[:200]
+    open(path, "wb").write(head + tail)
+    counter = SkipCounter()
+    keys = [raw["__key__"] for raw in _read_tars([path], counter)]
+    assert keys == ["k00000", "k00001"]
+    assert counter.counts["corrupt_tar"] == 1
+
+
+def test_npy_array_is_a_view_of_the_bytes_and_names_bad_input():
+    for order in ("C", "F"):
+        for dtype in ("<f2", ">f2", "<f4", "<i2"):
+            array = np.asarray(np.arange(60).reshape(3, 4, 5), dtype=dtype, order=order)
+            buf = io.BytesIO()
+            np.save(buf, array)
+            data = bytearray(buf.getvalue())
+            view = npy_array(memoryview(data), "x.npy")
+            np.testing.assert_array_equal(view, np.load(io.BytesIO(bytes(data))))
+            assert view.dtype == np.dtype(dtype) and np.shares_memory(
+                view, np.frombuffer(data, np.uint8)
+            )
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 4), np.float16))
+    with pytest.raises(
+        ValueError, match=r"s1\.tar: sample k vol\.npy has 16 data bytes; shape \(4, 4\)"
+    ):
+        npy_array(buf.getvalue()[:-16], "s1.tar: sample k vol.npy")
+    with pytest.raises(ValueError, match="vol.npy is not a readable .npy file"):
+        npy_array(b"not a numpy file", "vol.npy")
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="holds Python objects"):
+        npy_array(buf.getvalue(), "vol.npy")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_float16_voxel_is_rejected(bad):
+    raw = {
+        k: (v.encode() if isinstance(v, str) and k != "__key__" else v)
+        for k, v in _sample(1).items()
+    }
+    vol = np.zeros((70, 70, 70), np.float16)  # more voxels than one finiteness chunk
+    vol[69, 69, 69] = bad
+    buf = io.BytesIO()
+    np.save(buf, vol)
+    with pytest.raises(ValueError, match="non-finite voxels"):
+        decode_sample({**raw, "vol.npy": buf.getvalue()}, "three_class")
+    vol[69, 69, 69] = 65504.0  # the largest finite float16 passes
+    buf = io.BytesIO()
+    np.save(buf, vol)
+    assert decode_sample({**raw, "vol.npy": buf.getvalue()}, "three_class")["image"].max() == 65504
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_volume_batches_stay_float16_until_the_device(tmp_path, workers):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    samples = [_distinct_sample(i) for i in range(4)]
+    with wds.TarWriter(str(folder / "train-000000.tar")) as sink:
+        for sample in samples:
+            sink.write(sample)
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "split": "train",
+                "num_samples": 4,
+                "shards": [
+                    {"name": "train-000000.tar", "num_samples": 4, "bytes": 0, "sha256": ""}
+                ],
+            }
+        )
+    )
+    shards = ShardSet.load(str(folder))
+    cfg = DataConfig(batch_size=4, num_workers=workers, shuffle_buffer=1)
+    stream = TrainStream(shards, cfg, CharTokenizer(), 16, seed=0)
+    batch = next(iter(DataLoader(stream, batch_size=None, num_workers=workers)))
+    assert batch["image"].dtype == torch.float16 and batch["image"].shape == (4, 1, 6, 6, 6)
+    stored = {s["__key__"]: np.load(io.BytesIO(s["vol.npy"])) for s in samples}
+    for key, image in zip(batch["key"], batch["image"], strict=True):
+        np.testing.assert_array_equal(image[0].numpy(), stored[key])
+    moved = Mover(Accelerator(cpu=True))(batch)
+    assert moved["image"].dtype == torch.float32 and moved["input_ids"].dtype == torch.long
+    assert torch.equal(moved["image"], batch["image"].float())

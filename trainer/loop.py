@@ -41,24 +41,31 @@ from trainer.plots import plot_confusion, plot_label_auroc, plot_losses, plot_ro
 log = logging.getLogger("medalign")
 
 
+_DEEPSPEED_INPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Mover:
-    """Moves a batch's tensors to the device; floats follow the model dtype under DeepSpeed bf16."""
+    """Moves a batch's tensors to the device, then casts floats to the model's input dtype.
+
+    Float inputs are float32, or bfloat16 / float16 under DeepSpeed bf16 / fp16 (the engine casts the model,
+    not the inputs). The cast runs after the copy, so float16 volumes cross to the GPU at half
+    the bytes and are converted there.
+    """
 
     def __init__(self, accelerator: Accelerator) -> None:
         self.device = accelerator.device
-        self.float_dtype = None
-        if (
-            accelerator.distributed_type == DistributedType.DEEPSPEED
-            and accelerator.mixed_precision == "bf16"
-        ):
-            self.float_dtype = torch.bfloat16  # the engine casts the model, not the inputs
+        self.float_dtype = torch.float32
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self.float_dtype = _DEEPSPEED_INPUT_DTYPES.get(
+                accelerator.mixed_precision, torch.float32
+            )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for key, value in batch.items():
             if torch.is_tensor(value):
                 value = value.to(self.device, non_blocking=True)
-                if self.float_dtype is not None and value.is_floating_point():
+                if value.is_floating_point():
                     value = value.to(self.float_dtype)
             out[key] = value
         return out
