@@ -40,6 +40,7 @@ Eval padding rows (valid=False) repeat the rank's last sample, key and group inc
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -389,6 +390,20 @@ class _Batcher:
 _MAPPED_SUFFIXES = (".npy", ".png")
 
 
+def _map(file: io.BufferedReader) -> memoryview | None:
+    """A copy-on-write map of the whole file, or None where the file system cannot map it."""
+    try:
+        return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
+    except (OSError, ValueError) as exn:
+        _warn_unmapped(f"{type(exn).__name__}: {exn}")
+        return None
+
+
+@functools.cache
+def _warn_unmapped(reason: str) -> None:
+    log.warning("shards cannot be memory-mapped here (%s); reading them with plain reads", reason)
+
+
 def _tar_members(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """(name, data) of every regular member of local tar shards, in order, then {} per shard.
 
@@ -397,29 +412,33 @@ def _tar_members(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, An
     touching the file); the batch's stack is then the one copy a volume makes. webdataset's
     reader opens tars as streams and copies every member through 10 KB blocks: reading and
     decoding a 4 MB volume that way took about 6 ms against 1 ms here
-    (scripts/bench_loader.py). A shard that turns out corrupt is counted and left at the first
-    bad header or member; its intact members before that point are kept.
+    (scripts/bench_loader.py). Where a file cannot be mapped, members are read into bytes.
+    A shard that turns out corrupt is counted and left at the first bad header or member; its
+    intact members before that point are kept.
     """
     for url in urls:
         try:
             with open(url, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
-                mapped = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
+                mapped = _map(file)
                 while (member := tar.next()) is not None:
                     if member.isreg() and not member.name.startswith("__"):
-                        end = member.offset_data + member.size
-                        if end > len(mapped):
+                        if mapped is None:
+                            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                        else:
+                            data = mapped[member.offset_data : member.offset_data + member.size]
+                            if not member.name.endswith(_MAPPED_SUFFIXES):
+                                data = data.tobytes()
+                        if len(data) != member.size:
                             raise tarfile.ReadError(
-                                f"member {member.name} ends at byte {end}, past the end of the "
-                                f"file ({len(mapped)} bytes)"
+                                f"member {member.name} has {len(data)} of its {member.size} "
+                                "bytes: the file ends early"
                             )
-                        data = mapped[member.offset_data : end]
-                        if not member.name.endswith(_MAPPED_SUFFIXES):
-                            data = data.tobytes()
                         yield {"fname": member.name, "data": data, "__url__": url}
                     tar.members.clear()  # random-access mode would keep every header
                 # tarfile ends quietly at a bad or cut header past the first one; a tar that
                 # really ended has only zero blocks after its last member.
-                if any(mapped[tar.offset : tar.offset + (1 << 20)]):
+                file.seek(tar.offset)
+                if any(file.read(1 << 20)):
                     raise tarfile.ReadError(f"unreadable header at byte {tar.offset}")
         except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
             counter(ValueError(f"{url}: {exn}"))

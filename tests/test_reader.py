@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from shard_fixtures import CharTokenizer
 from torch.utils.data import DataLoader
 
+from shards import reader
 from shards.reader import (
     DataConfig,
     EvalStream,
@@ -288,7 +289,18 @@ def _distinct_sample(i: int, size: int = 6) -> dict:
     return {**_sample(i), "vol.npy": buf.getvalue()}
 
 
-def test_local_tar_reader_reads_what_webdataset_reads(tmp_path):
+def _no_mmap(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what a file system without mmap answers
+
+    monkeypatch.setattr(reader.mmap, "mmap", refuse)
+    reader._warn_unmapped.cache_clear()
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_local_tar_reader_reads_what_webdataset_reads(tmp_path, monkeypatch, caplog, mapped):
+    if not mapped:
+        _no_mmap(monkeypatch)
     shards = write_split(tmp_path / "t", n=10, per_shard=4)  # the last shard is short
     urls = [path for path, _ in shards.shards]
     ours = list(_read_tars(urls, SkipCounter()))
@@ -299,24 +311,37 @@ def test_local_tar_reader_reads_what_webdataset_reads(tmp_path):
         for name in b:
             value = a[name]
             assert (value.tobytes() if isinstance(value, memoryview) else value) == b[name], name
-    assert isinstance(ours[0]["vol.npy"], memoryview)  # image members are not copied
+    # mapped: image members are views of the file, not copies
+    assert isinstance(ours[0]["vol.npy"], memoryview if mapped else bytes)
     assert isinstance(ours[0]["txt"], bytes)
+    assert ("cannot be memory-mapped" in caplog.text) is not mapped
 
 
-@pytest.mark.parametrize("damage", ["garbage_header", "cut_in_header"])
-def test_damaged_tar_is_counted_and_its_intact_members_kept(tmp_path, damage):
+@pytest.mark.parametrize("mapped", [True, False])
+@pytest.mark.parametrize("damage", ["garbage_header", "cut_in_header", "cut_in_member"])
+def test_damaged_tar_is_counted_and_its_intact_members_kept(tmp_path, monkeypatch, damage, mapped):
+    if not mapped:
+        _no_mmap(monkeypatch)
     shards = write_split(tmp_path / "t", n=4, per_shard=4)
     path = shards.shards[0][0]
     data = open(path, "rb").read()
     with tarfile.open(path) as tar:
         third = next(m for m in tar.getmembers() if m.name.startswith("k00002"))
+        volume = tar.getmember("k00002.vol.npy")
     head = data[: third.offset]  # samples 0 and 1 are whole
-    rest = data[third.offset :]
-    tail = b"\x17" * 600 + rest if damage == "garbage_header" else rest[:200]
-    open(path, "wb").write(head + tail)
+    if damage == "garbage_header":
+        damaged = head + b"\x17" * 600 + data[third.offset :]
+    elif damage == "cut_in_header":
+        damaged = head + data[third.offset : third.offset + 200]
+    else:  # k00002's members before its volume are whole; the volume is cut
+        damaged = data[: volume.offset_data + 100]
+    open(path, "wb").write(damaged)
     counter = SkipCounter()
-    keys = [raw["__key__"] for raw in _read_tars([path], counter)]
-    assert keys == ["k00000", "k00001"]
+    raws = list(_read_tars([path], counter))
+    assert [raw["__key__"] for raw in raws[:2]] == ["k00000", "k00001"]
+    assert all("vol.npy" in raw for raw in raws[:2])
+    # what is left of k00002, if anything, has no volume: the decoder rejects it
+    assert len(raws) == 2 or (len(raws) == 3 and "vol.npy" not in raws[2])
     assert counter.counts["corrupt_tar"] == 1
 
 
