@@ -40,8 +40,10 @@ def _sample(i: int, size: int = 4) -> dict:
     }
 
 
-def write_split(folder, n: int, per_shard: int, bad: dict | None = None) -> ShardSet:
-    """n samples in shards of `per_shard`; `bad` maps sample index -> a damaged version."""
+def write_split(folder, n: int, per_shard: int, bad: dict | None = None, make=None) -> ShardSet:
+    """n samples (`make(i)`, default _sample) in shards of `per_shard`; `bad` maps sample index
+    -> a damaged version."""
+    make = make or _sample
     folder.mkdir(parents=True, exist_ok=True)
     shards, i = [], 0
     while i < n:
@@ -49,7 +51,7 @@ def write_split(folder, n: int, per_shard: int, bad: dict | None = None) -> Shar
         count = 0
         with wds.TarWriter(str(folder / name)) as sink:
             while count < per_shard and i < n:
-                sink.write((bad or {}).get(i, _sample(i)))
+                sink.write((bad or {}).get(i, make(i)))
                 i, count = i + 1, count + 1
         shards.append({"name": name, "num_samples": count, "bytes": 0, "sha256": ""})
     (folder / "manifest.json").write_text(
@@ -391,24 +393,8 @@ def test_non_finite_float16_voxel_is_rejected(bad):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_volume_batches_stay_float16_until_the_device(tmp_path, workers):
-    folder = tmp_path / "t"
-    folder.mkdir()
+    shards = write_split(tmp_path / "t", n=4, per_shard=4, make=_distinct_sample)
     samples = [_distinct_sample(i) for i in range(4)]
-    with wds.TarWriter(str(folder / "train-000000.tar")) as sink:
-        for sample in samples:
-            sink.write(sample)
-    (folder / "manifest.json").write_text(
-        json.dumps(
-            {
-                "split": "train",
-                "num_samples": 4,
-                "shards": [
-                    {"name": "train-000000.tar", "num_samples": 4, "bytes": 0, "sha256": ""}
-                ],
-            }
-        )
-    )
-    shards = ShardSet.load(str(folder))
     cfg = DataConfig(batch_size=4, num_workers=workers, shuffle_buffer=1)
     stream = TrainStream(shards, cfg, CharTokenizer(), 16, seed=0)
     batch = next(iter(DataLoader(stream, batch_size=None, num_workers=workers)))
