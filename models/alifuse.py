@@ -1,40 +1,51 @@
-"""Alifuse-style image-text model: contrastive, masked-image and masked-text pretraining,
-then a fusion classifier over image-grounded and text-grounded features.
+"""Alifuse-style image-text model: contrastive alignment, masked image and text reconstruction
+through cross-modal grounded encoders, and a fusion classifier (Chen and Hong, "Alifuse").
+
+Tasks (`AlifuseConfig.task`) and the loss terms each trains:
+
+    pretrain   itc, mae, mlm (those with weight > 0): the alignment stage of a two-stage run
+    classify   cls: the fusion classifier, usually from a pretraining run's towers
+    joint      itc, mae, mlm and cls at once: the paper's eq. (5),
+               itc_weight * L_cl + mae_weight * L_res^I + mlm_weight * L_res^T + cls_weight * L_cls
 
 Parts (attribute names are stable across tasks, so pretrained weights load by name):
 
-- `visual`: ViT (2D or 3D) on the MAE-visible tokens.
+- `visual`: ViT (2D or 3D); None with `image_tower: none` (text-only, Alifuse-T).
 - `text`: BERT-family `TextTower` (frozen, LoRA or full), or with `text_tower: llama` a
-  `LlamaTower` (4-bit NF4 + LoRA, LoRA, or frozen; models/llama_text.py). LLaMA is causal
-  and has no MLM head: with it `mlm_weight` is 0 and there are no image-grounded text
-  layers (`cross_layers_text` unused); ITC, grounded MAE and unimodal fusion work.
+  `LlamaTower` (4-bit NF4 + LoRA, LoRA, or frozen; models/llama_text.py); None with
+  `text_tower: none` (image-only: MAE pretraining, or Alifuse-I). LLaMA is causal and has no
+  MLM head: with it `mlm_weight` is 0 and there are no image-grounded text layers.
 - `image_proj`, `text_proj`, `logit_scale`: ITC heads and the learned temperature.
 - `attention_pool` (with `attention_pool.enabled`): the ITC image side becomes the report's
   tokens attention-pooled over the image's tokens (models/pooling.py), so every (image,
   report) pair is scored jointly (`PairwiseClipLoss`); `image_proj` is then not built.
-- `image_cross`: CrossBlocks after each of the last `cross_layers_image` ViT blocks; with
-  them the ViT is the text-grounded image encoder (image tokens attend to text tokens).
-- `text_cross`: CrossBlocks after each of the last `cross_layers_text` BERT layers; with
-  them BERT is the image-grounded text encoder (text tokens attend to image tokens).
-- `decoder`: MAE decoder. `fusion_head`: MLP over [image CLS, text CLS] -> classes.
+- `image_cross`: cross-attention on text for the last `cross_layers_image` ViT blocks; with
+  them the ViT is the text-grounded image encoder (the two image encoders share every weight
+  but these). `cross_attention: between` puts a `CrossAttentionLayer` between each block's
+  self-attention and MLP (the paper); `after` a gated `CrossBlock` after the block.
+- `text_cross`: the same for the last `cross_layers_text` BERT layers: the image-grounded
+  text encoder.
+- `decoder`: MAE decoder. `text_decoder`: with `text_decoder.kind: transformer` the paper's
+  light decoder + linear projection onto the vocabulary; with `mlm_head` (default) the text
+  checkpoint's own MLM head predicts the masked tokens.
+- `fusion_head`: MLP (GELU or ReLU) over [image CLS, text pooled] -> classes.
 
-Only the parts an enabled objective uses are built (the others are `nn.Identity()` or
-empty), so every trainable parameter receives a gradient every step: DDP needs no
+Only the parts an enabled objective uses are built (the others are `nn.Identity()`, empty or
+None), so every trainable parameter receives a gradient every step: DDP needs no
 `find_unused_parameters`, and a run's checkpoint holds no dead weights.
 
-    task        objective  built parts
-    pretrain    itc        image_proj (or attention_pool), text_proj, logit_scale
-    pretrain    mae        image_cross, decoder
-    pretrain    mlm        text_cross (and the text tower's MLM head trains in "full" mode)
-    classify    cls        fusion_head; image_cross and text_cross if fusion is "grounded"
+Passes (each pair passes twice, as in the paper: unimodal encoders on the whole inputs for
+ITC and classification, grounded encoders on the masked inputs for reconstruction):
 
-Forward data flow in pretraining (one image pass is shared up to the first cross block):
+    text -> BERT = unimodal text tokens z_T -> ITC, classification, the MAE pass's context
+    image -> ViT = unimodal image tokens z_I -> ITC, classification, the MLM pass's context
+    masked image -> ViT with cross-attention on z_T -> MAE decoder -> L_res^I
+    masked text -> BERT with cross-attention on z_I -> text decoder / MLM head -> L_res^T
 
-    image -> embed + mask -> blocks[0 : split] = trunk
-      trunk -> remaining blocks -> norm = unimodal image tokens -> CLS -> ITC
-      trunk -> remaining blocks with CrossBlocks(text tokens) -> norm -> decoder -> MAE
-    text -> BERT = unimodal text tokens -> CLS -> ITC (and the context of the MAE pass)
-    BERT-masked text -> BERT with CrossBlocks(unimodal image tokens) -> MLM head -> MLM
+`unimodal_image: masked` is a shortcut: z_I for ITC (and the MLM context) comes from the
+masked image instead of a second pass over the whole image, and the masked pass is shared
+up to the first grounded block. Classification always sees the whole inputs; with
+`fusion_features: grounded` its features come from the grounded encoders run on them.
 """
 
 from __future__ import annotations
@@ -47,15 +58,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention import CrossBlock, init_vit_weights
-from models.fusion import FusionConfig, FusionModel, build_fusion_model
+from models.attention import CrossAttentionLayer, CrossBlock, init_vit_weights
+from models.baselines import ARCHS as BASELINE_ARCHS
+from models.baselines import BaselineConfig, build_baseline
+from models.fusion import FusionConfig, build_fusion_model
 from models.heads import MultiLabelConfig, MultiLabelModel
 from models.llama_text import LlamaTextConfig, LlamaTower, build_llama_tower
 from models.losses import ClipLoss, PairwiseClipLoss, mlm_loss
 from models.mae import MAEDecoder, mae_loss, patchify
 from models.pooling import AttentionPoolConfig, build_attention_pool
 from models.text import TextConfig, TextTower, build_text_tower, load_tokenizer, local_checkpoint
+from models.text_decoder import TextDecoder, TextDecoderConfig
 from models.vit import VisionConfig, VisionTransformer
+
+OBJECTIVES = ("itc", "mae", "mlm", "cls")
+# task -> the objectives it may train (each needs its weight > 0)
+TASK_OBJECTIVES = {
+    "pretrain": ("itc", "mae", "mlm"),
+    "classify": ("cls",),
+    "joint": ("itc", "mae", "mlm", "cls"),
+    "multilabel": (),
+}
 
 
 @dataclass
@@ -63,25 +86,44 @@ class AlifuseConfig:
     """The composed model: towers, fusion, ITC settings and the weight of each objective."""
 
     # pretrain: ITC + MAE + MLM; classify: fusion classifier (image + text -> one class);
-    # multilabel: image-only multi-label heads (models/heads.py, e.g. the 14 CheXpert labels).
-    task: Literal["pretrain", "classify", "multilabel"] = "pretrain"
+    # joint: both at once (Alifuse eq. 5); multilabel: image-only multi-label heads
+    # (models/heads.py, e.g. the 14 CheXpert labels).
+    task: Literal["pretrain", "classify", "joint", "multilabel"] = "pretrain"
     # alifuse: this module's ViT + BERT / LLaMA model. fusion: the CNN + recurrent-text fusion
     # classifier of models/fusion.py (`fusion` section; task classify; its tokenizer is the one
     # in text.checkpoint, its classes and loss weight are num_classes and cls_weight below).
-    arch: Literal["alifuse", "fusion"] = "alifuse"
+    # resnet3d, medicalnet, vit, bert, perceiver, irene: the baseline classifiers of
+    # models/baselines.py (`baseline` section; task classify).
+    arch: Literal[
+        "alifuse", "fusion", "resnet3d", "medicalnet", "vit", "bert", "perceiver", "irene"
+    ] = "alifuse"
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    # Which of `text` / `llama` is the text tower; none: image-only MAE pretraining (the
-    # MAE-only baseline), no text is loaded or tokenized.
+    # none: a text-only model (Alifuse-T of the paper's Table III); no image tower is built.
+    image_tower: Literal["vit", "none"] = "vit"
+    # Which of `text` / `llama` is the text tower; none: an image-only model (MAE pretraining,
+    # the MAE-only baseline, or Alifuse-I); no text is loaded or tokenized.
     text_tower: Literal["bert", "llama", "none"] = "bert"
     text: TextConfig = field(default_factory=TextConfig)
     llama: LlamaTextConfig = field(default_factory=LlamaTextConfig)
     attention_pool: AttentionPoolConfig = field(default_factory=AttentionPoolConfig)
     multilabel: MultiLabelConfig = field(default_factory=MultiLabelConfig)
+    text_decoder: TextDecoderConfig = field(default_factory=TextDecoderConfig)
     embed_dim: int = 256  # ITC projection size
-    cross_layers_image: int = 2  # last N ViT blocks get an inserted cross-attention
-    cross_layers_text: int = 2  # last N BERT layers get an inserted cross-attention
+    # Where the grounded encoders' cross-attention sits: between self-attention and MLP of each
+    # grounded block (the paper), or in a gated block after it.
+    cross_attention: Literal["after", "between"] = "after"
+    cross_layers_image: int | Literal["all"] = 2  # last N ViT blocks are grounded ("all": every)
+    cross_layers_text: int | Literal["all"] = 2  # last N BERT layers are grounded ("all": every)
+    # Where the unimodal image features of ITC (and the MLM pass's context) come from: a pass
+    # over the whole image (the paper), or the masked image's pass (a shortcut; see above).
+    unimodal_image: Literal["full", "masked"] = "masked"
+    # true: text tokens are masked at vision.mask_ratio, one mask ratio for both modalities
+    # (the paper: 0.5); false: at text.mlm_probability (BERT's 0.15).
+    shared_mask_ratio: bool = False
     fusion_hidden: int = 512
+    fusion_activation: Literal["gelu", "relu"] = "gelu"
     num_classes: int = 3
     fusion_features: Literal["grounded", "unimodal"] = "grounded"
     init_temperature: float = 0.07
@@ -99,14 +141,14 @@ class AlifuseConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
         if self.num_classes < 2:
             raise ValueError(f"num_classes={self.num_classes}: expected >= 2")
-        if self.cross_layers_text < 0:
-            raise ValueError(f"cross_layers_text={self.cross_layers_text}: expected >= 0")
         depth = self.vision.depth if isinstance(self.vision, VisionConfig) else None
-        if self.cross_layers_image < 0 or (depth is not None and self.cross_layers_image > depth):
-            raise ValueError(
-                f"cross_layers_image={self.cross_layers_image}: expected a value in "
-                f"[0, vision.depth={depth}]"
-            )
+        for name, bound in (("cross_layers_image", depth), ("cross_layers_text", None)):
+            value = getattr(self, name)
+            if value == "all":
+                continue
+            if value < 0 or (bound is not None and value > bound):
+                allowed = f"[0, vision.depth={bound}]" if bound is not None else ">= 0"
+                raise ValueError(f"{name}={value}: expected 'all' or a value in {allowed}")
         if self.init_temperature <= 0:
             raise ValueError(f"init_temperature={self.init_temperature}: expected > 0")
         if self.max_logit_scale < 1.0 / self.init_temperature:
@@ -114,54 +156,85 @@ class AlifuseConfig:
                 f"max_logit_scale={self.max_logit_scale}: expected >= 1 / init_temperature "
                 f"= {1.0 / self.init_temperature:g}, or the clamp overrides the initial value"
             )
-        weights = ("itc_weight", "mae_weight", "mlm_weight", "cls_weight")
-        for name in weights:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
-        if self.task == "pretrain" and not (self.itc_weight or self.mae_weight or self.mlm_weight):
-            raise ValueError("itc_weight, mae_weight and mlm_weight are all 0: nothing to pretrain")
-        if (
-            self.task == "pretrain"
-            and self.mae_weight
-            and isinstance(self.vision, VisionConfig)
-            and self.vision.mask_ratio == 0
-        ):
-            raise ValueError("vision.mask_ratio=0 with mae_weight > 0: MAE needs masked patches")
-        if self.arch == "fusion" and self.task != "classify":
-            raise ValueError(
-                f"task={self.task}: arch=fusion is a classifier; expected task: classify"
-            )
-        if self.text_tower == "none":
-            used = {
-                "task": (self.task, "pretrain"),
-                "itc_weight": (self.itc_weight, 0),
-                "mlm_weight": (self.mlm_weight, 0),
-                "cross_layers_image": (self.cross_layers_image, 0),
-            }
-            for name, (value, want) in used.items():
-                if value != want:
-                    raise ValueError(
-                        f"{name}={value}: text_tower=none is image-only MAE pretraining; "
-                        f"expected {name}: {want}"
-                    )
-        if self.text_tower == "llama":
-            if self.task == "pretrain" and self.mlm_weight:
+        for name in ("itc_weight", "mae_weight", "mlm_weight", "cls_weight"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"{name}={value}: expected a number >= 0")
+        if self.arch == "fusion" or self.arch in BASELINE_ARCHS:
+            if self.task != "classify":
                 raise ValueError(
-                    f"mlm_weight={self.mlm_weight}: masked text reconstruction needs a masked-LM "
-                    "text tower (text_tower: bert); set mlm_weight: 0 with text_tower: llama"
+                    f"task={self.task}: arch={self.arch} is a classifier; expected task: classify"
                 )
-            if self.task == "classify" and self.fusion_features == "grounded":
-                if self.cross_layers_text:
-                    raise ValueError(
-                        f"cross_layers_text={self.cross_layers_text}: the LLaMA tower has no "
-                        "image-grounded text layers; set cross_layers_text: 0"
-                    )
+            return
+        if self.task == "multilabel":
+            return
+        self._check_objectives()
+
+    def _check_objectives(self) -> None:
+        """What the towers can train: each enabled objective needs its inputs."""
+        objectives = self.objectives
+        if not objectives:
+            weights = ", ".join(f"{o}_weight" for o in TASK_OBJECTIVES[self.task])
+            raise ValueError(f"{weights}: all 0, task={self.task} has nothing to train")
+        if self.task == "joint" and "cls" not in objectives:
+            raise ValueError(
+                "cls_weight=0 with task=joint: joint training includes the classifier; "
+                "use task: pretrain for alignment alone"
+            )
+        image, text = self.image_tower != "none", self.text_tower != "none"
+        if not (image or text):
+            raise ValueError("image_tower=none and text_tower=none: expected at least one tower")
+        needs = {
+            "itc": (image and text, "both towers"),
+            "mae": (image, "an image tower"),
+            "mlm": (self.text_tower == "bert", "a masked-LM text tower (text_tower: bert)"),
+        }
+        for name, (ok, what) in needs.items():
+            if name in objectives and not ok:
+                raise ValueError(
+                    f"{name}_weight={getattr(self, name + '_weight')}: {name} needs {what} "
+                    f"(image_tower={self.image_tower}, text_tower={self.text_tower}); "
+                    f"set {name}_weight: 0"
+                )
+        if "cls" in objectives and self.fusion_features == "grounded" and not (image and text):
+            raise ValueError(
+                "fusion_features=grounded needs both towers; expected fusion_features: unimodal"
+            )
+        if not text and self.cross_layers_image not in (0,):
+            raise ValueError(
+                f"cross_layers_image={self.cross_layers_image}: without a text tower there is "
+                "nothing to ground the image in; expected cross_layers_image: 0"
+            )
+        if not image and self.cross_layers_text not in (0,):
+            raise ValueError(
+                f"cross_layers_text={self.cross_layers_text}: without an image tower there is "
+                "nothing to ground the text in; expected cross_layers_text: 0"
+            )
+        if self.text_tower == "llama" and self.cross_layers_text not in (0,):
+            grounded_text = "mlm" in objectives or (
+                "cls" in objectives and self.fusion_features == "grounded"
+            )
+            if grounded_text:
+                raise ValueError(
+                    f"cross_layers_text={self.cross_layers_text}: the LLaMA tower has no "
+                    "image-grounded text layers; set cross_layers_text: 0"
+                )
+        if isinstance(self.vision, VisionConfig) and "mae" in objectives:
+            if self.vision.mask_ratio == 0:
+                raise ValueError(
+                    "vision.mask_ratio=0 with mae_weight > 0: MAE needs masked patches"
+                )
+        if self.shared_mask_ratio and "mlm" in objectives and self.vision.mask_ratio == 0:
+            raise ValueError(
+                "shared_mask_ratio=true masks the text at vision.mask_ratio, which is 0: "
+                "MLM needs masked tokens"
+            )
         pool = self.attention_pool
         if isinstance(pool, AttentionPoolConfig) and pool.enabled:
-            if self.task != "pretrain" or not self.itc_weight:
+            if "itc" not in objectives:
                 raise ValueError(
                     "attention_pool.enabled: the pool is an ITC head; expected task: pretrain "
-                    "with itc_weight > 0"
+                    "or joint with itc_weight > 0"
                 )
             if pool.out_dim != self.embed_dim:
                 raise ValueError(
@@ -170,9 +243,27 @@ class AlifuseConfig:
                 )
 
     @property
+    def objectives(self) -> tuple[str, ...]:
+        """The loss terms this config trains (a task's objectives with weight > 0)."""
+        if self.arch != "alifuse" or self.task == "classify":
+            return ("cls",)  # a classifier always has its head; cls_weight 0: logits only
+        allowed = TASK_OBJECTIVES[self.task]
+        return tuple(o for o in OBJECTIVES if o in allowed and getattr(self, f"{o}_weight") > 0)
+
+    @property
+    def has_itc(self) -> bool:
+        """Whether the model has the ITC heads (retrieval and zero-shot need them)."""
+        return self.arch == "alifuse" and "itc" in self.objectives
+
+    @property
     def text_max_length(self) -> int:
         """Tokens per text for the configured tower (the reader pads and truncates to it)."""
         return self.llama.max_length if self.text_tower == "llama" else self.text.max_length
+
+
+def _grounded_count(value: int | str, depth: int) -> int:
+    """cross_layers_* as a number of blocks ("all": every block)."""
+    return depth if value == "all" else min(int(value), depth)
 
 
 class AlifuseModel(nn.Module):
@@ -182,23 +273,34 @@ class AlifuseModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         v = cfg.vision
+        self.objectives = frozenset(cfg.objectives)
+        self.use_itc, self.use_mae, self.use_mlm, self.use_cls = (
+            o in self.objectives for o in OBJECTIVES
+        )
+        grounded_cls = self.use_cls and cfg.fusion_features == "grounded"
+        between = cfg.cross_attention == "between"
         n_text_layers = 0 if text_tower is None else len(text_tower.layers)
-        if text_tower is not None and cfg.cross_layers_text > n_text_layers:
+        if isinstance(cfg.cross_layers_text, int) and text_tower is not None:
+            if cfg.cross_layers_text > n_text_layers:
+                raise ValueError(
+                    f"cross_layers_text={cfg.cross_layers_text}: expected 'all' or a value in "
+                    f"[0, {n_text_layers}] (the text checkpoint's layers)"
+                )
+        n_img = n_txt = 0
+        if text_tower is not None and (self.use_mae or grounded_cls):
+            n_img = _grounded_count(cfg.cross_layers_image, v.depth)
+        if cfg.image_tower != "none" and (self.use_mlm or grounded_cls):
+            n_txt = _grounded_count(cfg.cross_layers_text, n_text_layers)
+        if between and n_txt and not text_tower.supports_inner_cross_attention():
             raise ValueError(
-                f"cross_layers_text={cfg.cross_layers_text}: expected a value in "
-                f"[0, {n_text_layers}] (the text checkpoint's layers)"
+                "cross_attention=between: the text checkpoint's layers do not split into "
+                "attention and feed-forward parts (BERT-shaped layers do); use "
+                "cross_attention: after"
             )
-        pretrain = cfg.task == "pretrain"
-        grounded = cfg.task == "classify" and cfg.fusion_features == "grounded"
-        self.use_itc = pretrain and cfg.itc_weight > 0
-        self.use_mae = pretrain and cfg.mae_weight > 0
-        self.use_mlm = pretrain and cfg.mlm_weight > 0
-        n_img = cfg.cross_layers_image if (self.use_mae or grounded) else 0
-        n_txt = cfg.cross_layers_text if (self.use_mlm or grounded) else 0
-        d_img = v.embed_dim
+        d_img = v.embed_dim if cfg.image_tower != "none" else 0
         d_txt = 0 if text_tower is None else text_tower.hidden_size
 
-        self.visual = VisionTransformer(v)
+        self.visual = VisionTransformer(v) if cfg.image_tower != "none" else None
         self.text = text_tower
         pool_cfg = cfg.attention_pool if self.use_itc else AttentionPoolConfig()
         self.attention_pool = build_attention_pool(pool_cfg, d_txt, d_img)
@@ -212,21 +314,39 @@ class AlifuseModel(nn.Module):
         else:
             self.image_proj, self.text_proj = nn.Identity(), nn.Identity()
             self.register_parameter("logit_scale", None)
-        self.image_cross = nn.ModuleList(
-            CrossBlock(d_img, v.num_heads, context_dim=d_txt, mlp_ratio=v.mlp_ratio)
-            for _ in range(n_img)
-        )
-        self.text_cross = nn.ModuleList(
-            CrossBlock(d_txt, text_tower.num_heads, context_dim=d_img) for _ in range(n_txt)
-        )
+        if between:
+            self.image_cross = nn.ModuleList(
+                CrossAttentionLayer(d_img, v.num_heads, context_dim=d_txt) for _ in range(n_img)
+            )
+            self.text_cross = nn.ModuleList(
+                CrossAttentionLayer(
+                    d_txt, text_tower.num_heads, d_img, "post", text_tower.layer_norm_eps
+                )
+                for _ in range(n_txt)
+            )
+        else:
+            self.image_cross = nn.ModuleList(
+                CrossBlock(d_img, v.num_heads, context_dim=d_txt, mlp_ratio=v.mlp_ratio)
+                for _ in range(n_img)
+            )
+            self.text_cross = nn.ModuleList(
+                CrossBlock(d_txt, text_tower.num_heads, context_dim=d_img) for _ in range(n_txt)
+            )
         self.decoder = MAEDecoder(v) if self.use_mae else nn.Identity()
+        own_decoder = self.use_mlm and cfg.text_decoder.kind == "transformer"
+        self.text_decoder = (
+            TextDecoder(d_txt, text_tower.vocab_size, cfg.text_decoder)
+            if own_decoder
+            else nn.Identity()
+        )
+        activation = nn.ReLU() if cfg.fusion_activation == "relu" else nn.GELU()
         self.fusion_head = (
             nn.Sequential(
                 nn.Linear(d_img + d_txt, cfg.fusion_hidden),
-                nn.GELU(),
+                activation,
                 nn.Linear(cfg.fusion_hidden, cfg.num_classes),
             )
-            if cfg.task == "classify"
+            if self.use_cls
             else nn.Identity()
         )
         for part in (self.image_proj, self.text_proj, self.image_cross, self.text_cross):
@@ -236,18 +356,22 @@ class AlifuseModel(nn.Module):
             self.attention_pool.apply(init_vit_weights)
         self.clip_loss = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
         self.pair_loss = PairwiseClipLoss(gather_with_grad=cfg.gather_with_grad)
-        if not self.use_mlm and isinstance(text_tower, TextTower):
-            # Without MLM the head is unused; freezing it keeps "full" mode free of parameters
-            # without gradients. Its decoder weight is tied to the word embeddings: keep those.
+        if not (self.use_mlm and not own_decoder) and isinstance(text_tower, TextTower):
+            # Without MLM through it the head is unused; freezing it keeps "full" mode free of
+            # parameters without gradients. Its decoder weight is tied to the word embeddings:
+            # keep those.
             tied = {id(p) for p in text_tower.encoder_model.embeddings.parameters()}
             for p in text_tower.mlm_head.parameters():
                 if id(p) not in tied:
                     p.requires_grad_(False)
 
-        # Blocks [0, split) run once and are shared by the unimodal and grounded passes:
-        # everything up to and including the first block that is followed by a CrossBlock.
-        self.image_split = v.depth - n_img + 1 if n_img else v.depth
-        self.text_split = n_text_layers - n_txt + 1 if n_txt else n_text_layers
+        # Blocks [0, split) run once and are shared by the unimodal and grounded passes over
+        # the same input: everything before the first block whose output the grounding changes
+        # (a cross layer inside block i changes block i; a CrossBlock after it, block i + 1).
+        shared = 0 if between else 1
+        depth = v.depth if self.visual is not None else 0
+        self.image_split = depth - n_img + shared if n_img else depth
+        self.text_split = n_text_layers - n_txt + shared if n_txt else n_text_layers
         self.max_log_scale = math.log(cfg.max_logit_scale)
 
     @property
@@ -258,16 +382,21 @@ class AlifuseModel(nn.Module):
     # ---- parts ---------------------------------------------------------------------------
 
     def _image_cross_at(self) -> dict[int, nn.Module]:
-        """ViT block index -> the CrossBlock that runs after it (the last blocks)."""
+        """ViT block index -> the cross layer that grounds it (the last blocks)."""
         depth = len(self.visual.blocks)
         return dict(zip(range(depth - len(self.image_cross), depth), self.image_cross, strict=True))
 
     def _text_cross_at(self) -> dict[int, nn.Module]:
-        """BERT layer index -> the CrossBlock that runs after it (the last layers)."""
+        """BERT layer index -> the cross layer that grounds it (the last layers)."""
         n_layers = len(self.text.layers)
         return dict(
             zip(range(n_layers - len(self.text_cross), n_layers), self.text_cross, strict=True)
         )
+
+    def image_trunk(self, image: Tensor, mask_ratio: float = 0.0) -> tuple[Tensor, Any]:
+        """(B, C, *spatial) -> the shared blocks' output (B, 1 + K, Di) and the masking."""
+        emb = self.visual.embed(image, mask_ratio)
+        return self.visual.forward_blocks(emb.tokens, 0, self.image_split), emb
 
     def image_unimodal(self, trunk: Tensor) -> Tensor:
         """Trunk (B, T, Di) -> normed unimodal image tokens (B, T, Di)."""
@@ -281,9 +410,11 @@ class AlifuseModel(nn.Module):
         return self.visual.norm(x)
 
     def text_grounded(
-        self, h: Tensor, attention_mask: Tensor, image_tokens: Tensor, start: int = 0
+        self, h: Tensor, attention_mask: Tensor, image_tokens: Tensor | None, start: int = 0
     ) -> Tensor:
         """Text states (B, L, Dt) after layers [0, start) attending to image (B, T, Di)."""
+        if image_tokens is None:  # no image tower: the plain text encoder
+            return self.text.run_layers(h, attention_mask, start)
         return self.text.run_layers(
             h, attention_mask, start, None, self._text_cross_at(), image_tokens, None
         )
@@ -335,36 +466,141 @@ class AlifuseModel(nn.Module):
         return torch.cat(rows)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names to keep out of weight decay: tokens, temperature, norms, biases, gates."""
-        named = {"visual.cls_token", "decoder.mask_token", "logit_scale"}
+        """Parameter names kept out of weight decay: tokens, position tables, temperature,
+        norms, biases, gates."""
+        named = {
+            "visual.cls_token",
+            "visual.pos_embed",
+            "decoder.mask_token",
+            "decoder.pos_embed",
+            "logit_scale",
+        }
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in named}
 
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Any], embed: bool = False) -> dict[str, Any]:
         """batch: image (B, C, *spatial), input_ids (B, L), attention_mask (B, L), label (B,);
-        other keys are ignored.
+        other keys are ignored (and a tower's inputs when the model has no such tower).
 
-        pretrain -> itc_loss, mae_loss, mlm_loss (those with weight > 0, each already
-        multiplied by its weight) and logit_scale (detached, for logging, with ITC).
-        classify -> cls_loss (weighted) and logits (B, num_classes).
+        -> the enabled objectives' losses, each already multiplied by its weight: itc_loss,
+        mae_loss, mlm_loss, cls_loss; logit_scale (detached, for logging) with ITC; logits
+        (B, num_classes) with the classifier.
         embed=True (ITC models; retrieval and zero-shot) -> "image" and / or "text" states of
         the unmasked inputs the batch holds (see `similarity`) and logit_scale.
         """
         if embed:
             return self._forward_embed(batch)
-        if self.cfg.task == "pretrain":
-            return self._forward_pretrain(
-                batch["image"], batch.get("input_ids"), batch.get("attention_mask")
+        cfg, out = self.cfg, {}
+        image = batch.get("image") if self.visual is not None else None
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        has_text = self.text is not None
+        from_full = cfg.unimodal_image == "full" or self.use_cls
+
+        # Unimodal passes over the whole inputs: z_T (ITC, classification, the MAE context)
+        # and z_I (ITC and the MLM context unless taken from the masked pass, classification).
+        text_trunk = text_tokens = None
+        if has_text and (self.use_itc or self.use_cls or (self.use_mae and len(self.image_cross))):
+            if len(self.text_cross):  # a trunk shared with the grounded pass over the text
+                text_trunk = self.text.run_layers(self.text.embed(ids), mask, 0, self.text_split)
+                text_tokens = self.text.run_layers(text_trunk, mask, self.text_split)
+            else:
+                text_tokens = self.text.forward_features(ids, mask)  # (B, L, Dt)
+        full_trunk = full_tokens = None
+        needs_image_context = self.use_itc or (self.use_mlm and len(self.text_cross))
+        if image is not None and (self.use_cls or (needs_image_context and from_full)):
+            full_trunk, _ = self.image_trunk(image)
+            full_tokens = self.image_unimodal(full_trunk)  # (B, 1 + N, Di)
+        image_tokens = full_tokens
+
+        # The masked image: grounded in z_T, reconstructed (and z_I for the shortcut).
+        if image is not None and (self.use_mae or (needs_image_context and not from_full)):
+            trunk, emb = self.image_trunk(image, cfg.vision.mask_ratio)  # (B, 1 + K, Di)
+            if not from_full:
+                image_tokens = self.image_unimodal(trunk)
+            if self.use_mae:
+                text_keep = None if mask is None else mask.bool()
+                grounded = (
+                    self.image_grounded(trunk, text_tokens, text_keep)
+                    if len(self.image_cross)
+                    else self.image_unimodal(trunk)
+                )
+                pred = self.decoder(grounded, emb.ids_restore)  # (B, N, P)
+                target = patchify(image, cfg.vision.patch_size)
+                out["mae_loss"] = cfg.mae_weight * mae_loss(
+                    pred, target, emb.mask, cfg.vision.norm_pix_loss
+                )
+
+        if self.use_itc:
+            scale = self.scale()
+            image_state = self.image_state(image_tokens)
+            text_state = self.text_state(text_tokens, mask)
+            if self.attention_pool is None:
+                itc = self.clip_loss(image_state["emb"], text_state["emb"], scale)
+            else:
+                itc = self.pair_loss(
+                    lambda i, t: scale * self.similarity(i, t), image_state, text_state
+                )
+            out["itc_loss"] = cfg.itc_weight * itc
+            out["logit_scale"] = scale.detach().squeeze()
+
+        # The masked text: grounded in z_I, reconstructed.
+        if self.use_mlm:
+            ratio = cfg.vision.mask_ratio if cfg.shared_mask_ratio else cfg.text.mlm_probability
+            masked_ids, labels = self.text.mask_tokens(ids, mask, ratio)
+            context = image_tokens if len(self.text_cross) else None
+            h = self.text_grounded(self.text.embed(masked_ids), mask, context)
+            logits = (
+                self.text_decoder(h, mask)
+                if isinstance(self.text_decoder, TextDecoder)
+                else self.text.mlm_logits(h)
             )
-        return self._forward_classify(
-            batch["image"], batch["input_ids"], batch["attention_mask"], batch["label"]
-        )
+            out["mlm_loss"] = cfg.mlm_weight * mlm_loss(logits, labels)
+
+        if self.use_cls:
+            logits = self.fusion_head(
+                self._fused(full_trunk, full_tokens, text_trunk, text_tokens, mask)
+            )
+            out["logits"] = logits  # (B, num_classes)
+            if cfg.cls_weight:
+                out["cls_loss"] = cfg.cls_weight * F.cross_entropy(logits.float(), batch["label"])
+        return out
+
+    def _fused(
+        self,
+        image_trunk: Tensor | None,
+        image_tokens: Tensor | None,
+        text_trunk: Tensor | None,
+        text_tokens: Tensor | None,
+        attention_mask: Tensor | None,
+    ) -> Tensor:
+        """The classifier's input (B, Di + Dt): pooled image and text features of the whole
+        inputs, unimodal or (`fusion_features: grounded`) from the grounded encoders."""
+        parts = []
+        if self.cfg.fusion_features == "grounded":
+            parts.append(
+                self.visual.pool(
+                    self.image_grounded(image_trunk, text_tokens, attention_mask.bool())
+                )
+            )
+            text_out = text_tokens
+            if len(self.text_cross):
+                text_out = self.text_grounded(
+                    text_trunk, attention_mask, image_tokens, self.text_split
+                )
+            parts.append(self.text.pool(text_out, attention_mask))
+            return torch.cat(parts, dim=-1)
+        if image_tokens is not None:
+            parts.append(self.visual.pool(image_tokens))
+        if text_tokens is not None:
+            parts.append(self.text.pool(text_tokens, attention_mask))
+        return torch.cat(parts, dim=-1)
 
     def _forward_embed(self, batch: dict[str, Any]) -> dict[str, Any]:
         if not self.use_itc:
             raise RuntimeError(
-                "embedding needs the ITC heads, built only with task=pretrain and itc_weight > 0"
+                "embedding needs the ITC heads, built only with task pretrain or joint and "
+                "itc_weight > 0"
             )
         out: dict[str, Any] = {"logit_scale": self.scale().detach().squeeze()}
         if "image" in batch:
@@ -376,84 +612,11 @@ class AlifuseModel(nn.Module):
             )
         return out
 
-    def _forward_pretrain(
-        self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None
-    ) -> dict[str, Tensor]:
-        cfg, out = self.cfg, {}
-        text_keep = None if attention_mask is None else attention_mask.bool()
-        emb = self.visual.embed(image, cfg.vision.mask_ratio)  # visible tokens only
-        trunk = self.visual.forward_blocks(emb.tokens, 0, self.image_split)  # (B, 1 + K, Di)
-        image_tokens = text_tokens = None
-        if self.use_itc or self.use_mlm:  # ITC features; the MLM pass's context
-            image_tokens = self.image_unimodal(trunk)
-        if self.use_itc or (self.use_mae and len(self.image_cross)):  # and the MAE pass's
-            text_tokens = self.text.forward_features(input_ids, attention_mask)  # (B, L, Dt)
 
-        if self.use_itc:
-            scale = self.scale()
-            image_state = self.image_state(image_tokens)
-            text_state = self.text_state(text_tokens, attention_mask)
-            if self.attention_pool is None:
-                itc = self.clip_loss(image_state["emb"], text_state["emb"], scale)
-            else:
-                itc = self.pair_loss(
-                    lambda i, t: scale * self.similarity(i, t), image_state, text_state
-                )
-            out["itc_loss"] = cfg.itc_weight * itc
-            out["logit_scale"] = scale.detach().squeeze()
-        if self.use_mae:
-            grounded = self.image_grounded(trunk, text_tokens, text_keep)
-            pred = self.decoder(grounded, emb.ids_restore)  # (B, N, P)
-            target = patchify(image, cfg.vision.patch_size)
-            out["mae_loss"] = cfg.mae_weight * mae_loss(
-                pred, target, emb.mask, cfg.vision.norm_pix_loss
-            )
-        if self.use_mlm:
-            masked_ids, labels = self.text.mask_tokens(
-                input_ids, attention_mask, cfg.text.mlm_probability
-            )
-            h = self.text_grounded(self.text.embed(masked_ids), attention_mask, image_tokens)
-            out["mlm_loss"] = cfg.mlm_weight * mlm_loss(self.text.mlm_logits(h), labels)
-        return out
-
-    def _forward_classify(
-        self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, label: Tensor
-    ) -> dict[str, Tensor]:
-        cfg = self.cfg
-        trunk = self.visual.forward_blocks(self.visual.embed(image).tokens, 0, self.image_split)
-        image_tokens = self.image_unimodal(trunk)  # (B, 1 + N, Di)
-        if len(self.text_cross):  # BERT: a text trunk shared with the image-grounded pass
-            text_trunk = self.text.run_layers(
-                self.text.embed(input_ids), attention_mask, 0, self.text_split
-            )
-            text_tokens = self.text.run_layers(text_trunk, attention_mask, self.text_split)
-        else:
-            text_tokens = self.text.forward_features(input_ids, attention_mask)
-        if cfg.fusion_features == "grounded":
-            image_out = self.image_grounded(trunk, text_tokens, attention_mask.bool())
-            text_out = text_tokens
-            if len(self.text_cross):
-                text_out = self.text_grounded(
-                    text_trunk, attention_mask, image_tokens, self.text_split
-                )
-        else:
-            image_out, text_out = image_tokens, text_tokens
-        fused = torch.cat(
-            [self.visual.pool(image_out), self.text.pool(text_out, attention_mask)], dim=-1
-        )
-        logits = self.fusion_head(fused)  # (B, num_classes)
-        out = {"logits": logits}
-        if cfg.cls_weight:
-            out["cls_loss"] = cfg.cls_weight * F.cross_entropy(logits.float(), label)
-        return out
-
-
-def build_model(
-    cfg: AlifuseConfig, device: str | torch.device | None = None
-) -> AlifuseModel | MultiLabelModel | FusionModel:
-    """The model for `cfg.arch` and `cfg.task`: the text tower (`cfg.text` or `cfg.llama`, a
-    local checkpoint) and the composed model, the image-only multi-label model (no text
-    tower), or the CNN + RNN fusion classifier (the tokenizer of `cfg.text.checkpoint`).
+def build_model(cfg: AlifuseConfig, device: str | torch.device | None = None) -> nn.Module:
+    """The model for `cfg.arch` and `cfg.task`: the composed Alifuse model (its text tower from
+    `cfg.text` or `cfg.llama`, a local checkpoint), the image-only multi-label model, the CNN +
+    RNN fusion classifier (the tokenizer of `cfg.text.checkpoint`), or a baseline classifier.
 
     `device` is where a 4-bit LLaMA tower is quantized at load time (None: where it loads).
     """
@@ -461,6 +624,10 @@ def build_model(
         folder = local_checkpoint(cfg.text.checkpoint, "text.checkpoint", "a tokenizer")
         tokenizer = load_tokenizer(folder, "text.checkpoint")
         return build_fusion_model(cfg.fusion, cfg.num_classes, cfg.cls_weight, tokenizer)
+    if cfg.arch in BASELINE_ARCHS:
+        return build_baseline(
+            cfg.arch, cfg.baseline, cfg.vision, cfg.text, cfg.num_classes, cfg.cls_weight
+        )
     if cfg.task == "multilabel":
         return MultiLabelModel(cfg.vision, cfg.multilabel, loss_weight=cfg.cls_weight)
     if cfg.text_tower == "llama":

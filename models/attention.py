@@ -106,10 +106,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, N, dim) -> (B, N, dim)."""
-        x = x + self.attn(self.norm1(x))
+    def attend(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """The self-attention residual branch: x + attn(norm1(x)), (B, N, dim)."""
+        return x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The MLP residual branch: x + mlp(norm2(x)), (B, N, dim)."""
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """(B, N, dim), key_padding_mask (B, N) True = attendable -> (B, N, dim)."""
+        return self.feed_forward(self.attend(x, key_padding_mask))
 
 
 class CrossBlock(nn.Module):
@@ -122,6 +129,8 @@ class CrossBlock(nn.Module):
     steps. The gates receive gradient from the first step and open as far as the loss
     asks; the other weights receive gradient once the gates are non-zero.
     """
+
+    inside_block = False  # runs after the block it follows (see `CrossAttentionLayer`)
 
     def __init__(
         self,
@@ -147,6 +156,46 @@ class CrossBlock(nn.Module):
             self.norm1(x), self.norm_context(context), key_padding_mask
         )
         return x + self.gate_mlp * self.mlp(self.norm2(x))
+
+
+class CrossAttentionLayer(nn.Module):
+    """A cross-attention sublayer that runs inside a block, between its self-attention and its
+    MLP: the grounded encoders of Alifuse (and of ALBEF / BLIP) insert one into every block.
+
+    x (B, N, dim) attends to `context` (B, M, context_dim). The residual follows the block it
+    sits in: `norm="pre"` for pre-norm blocks (the ViT: x + attn(norm(x), norm_c(context))),
+    `norm="post"` for post-norm ones (BERT layers: norm(x + attn(x, norm_c(context))), like
+    BERT's own sublayers). No gate: unlike `CrossBlock`, which is appended to a finished
+    tower, this layer is part of the block from the start, as in the paper.
+    `inside_block` tells the towers' `forward_blocks` / `run_layers` where to run it.
+    """
+
+    inside_block = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: int | None = None,
+        norm: str = "pre",
+        eps: float = 1e-6,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm={norm!r}: expected 'pre' or 'post'")
+        context_dim = dim if context_dim is None else context_dim
+        self.pre_norm = norm == "pre"
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm_context = nn.LayerNorm(context_dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, context_dim=context_dim)
+
+    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """x (B, N, dim), context (B, M, context_dim), key_padding_mask (B, M) -> (B, N, dim)."""
+        context = self.norm_context(context)
+        if self.pre_norm:
+            return x + self.attn(self.norm(x), context, key_padding_mask)
+        return self.norm(x + self.attn(x, context, key_padding_mask))
 
 
 def init_vit_weights(module: nn.Module) -> None:

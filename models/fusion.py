@@ -322,15 +322,6 @@ class RnnTextEncoder(nn.Module):
 # ---- fusion ---------------------------------------------------------------------------------
 
 
-class MaskedBlock(Block):
-    """The project's `Block` with a key padding mask handed to its attention."""
-
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """x (B, T, dim), key_padding_mask (B, T) True = attendable -> (B, T, dim)."""
-        x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask)
-        return x + self.mlp(self.norm2(x))
-
-
 class EarlyFusion(nn.Module):
     """[CLS, image tokens, text tokens] in `dim` through shared blocks -> CLS (B, dim)."""
 
@@ -343,7 +334,7 @@ class EarlyFusion(nn.Module):
         self.image_type = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.text_type = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.blocks = nn.ModuleList(
-            MaskedBlock(cfg.dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)
+            Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.apply(init_vit_weights)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import Block, init_vit_weights
-from models.vit import VisionConfig, sincos_pos_embed
+from models.vit import VisionConfig, add_position_table
 
 
 def patchify(imgs: Tensor, patch_size: int) -> Tensor:
@@ -63,8 +63,7 @@ class MAEDecoder(nn.Module):
         dim = cfg.decoder_embed_dim
         self.decoder_embed = nn.Linear(cfg.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        pos = sincos_pos_embed(dim, cfg.grid_size, cls_token=True)
-        self.register_buffer("pos_embed", pos[None], persistent=False)  # (1, 1 + N, dim)
+        add_position_table(self, cfg.pos_embed, dim, cfg.grid_size)  # (1, 1 + N, dim)
         self.blocks = nn.ModuleList(
             Block(dim, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
         )

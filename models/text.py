@@ -95,6 +95,7 @@ class TextTower(nn.Module):
         config = self.mlm_model.config
         self.hidden_size: int = config.hidden_size
         self.num_heads: int = config.num_attention_heads
+        self.layer_norm_eps: float = getattr(config, "layer_norm_eps", 1e-12)
         self.vocab_size = len(tokenizer)  # random MLM replacements come from the tokenizer
         self.mask_token_id: int = tokenizer.mask_token_id
         special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -142,20 +143,36 @@ class TextTower(nn.Module):
     ) -> Tensor:
         """Runs layers [start, end) on h (B, L, H) -> (B, L, H); attention_mask (B, L) 1=token.
 
-        `cross_blocks[i]` runs right after layer i, attending to `context` (B, M, Dc) with
-        `context_mask` (B, M) True=keep. A key `start - 1` runs first: it continues a pass
-        whose last layer was `start - 1` (a trunk shared with another pass).
+        `cross_blocks[i]` grounds layer i in `context` (B, M, Dc) with `context_mask` (B, M)
+        True=keep: a `CrossBlock` runs right after layer i, a `CrossAttentionLayer`
+        (`inside_block`) inside it, between its self-attention and its feed-forward part (where
+        BERT's own decoder layers put cross-attention). A CrossBlock at key `start - 1` runs
+        first: it continues a pass whose last layer was `start - 1` (a shared trunk).
         """
         cross = {} if cross_blocks is None else cross_blocks
         end = len(self.layers) if end is None else end
         mask = self.layer_mask(h, attention_mask)
-        if start - 1 in cross:
-            h = cross[start - 1](h, context, context_mask)
+        before = cross.get(start - 1)
+        if before is not None and not before.inside_block:
+            h = before(h, context, context_mask)
         for i in range(start, end):
-            h = self.layers[i](h, attention_mask=mask)
-            if i in cross:
-                h = cross[i](h, context, context_mask)
+            layer, inserted = self.layers[i], cross.get(i)
+            if inserted is not None and inserted.inside_block:
+                h = layer.attention(h, attention_mask=mask)[0]
+                h = layer.feed_forward_chunk(inserted(h, context, context_mask))
+                continue
+            h = layer(h, attention_mask=mask)
+            if inserted is not None:
+                h = inserted(h, context, context_mask)
         return h
+
+    def supports_inner_cross_attention(self) -> bool:
+        """Whether each layer splits into `attention` and `feed_forward_chunk` (BERT-shaped
+        layers do), which a cross-attention layer between them needs."""
+        return all(
+            hasattr(layer, "attention") and hasattr(layer, "feed_forward_chunk")
+            for layer in self.layers
+        )
 
     def forward_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) ids and mask -> last hidden states (B, L, H)."""

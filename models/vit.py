@@ -1,7 +1,8 @@
 """Vision Transformer for 2D images and 3D volumes, with MAE-style random token masking.
 
-One code path serves both: `PatchEmbed` picks Conv2d or Conv3d, the position embedding is
-a fixed N-d sin-cos table. Interface (timm): `forward_features` -> `pool` -> `forward_head`.
+One code path serves both: `PatchEmbed` picks Conv2d or Conv3d; the position embedding is
+a fixed N-d sin-cos table (MAE) or a learnable table that starts from it (`pos_embed:
+learnable`, the Alifuse paper's choice). Interface (timm): `forward_features` -> `pool` -> `forward_head`.
 For callers that insert layers (the text-grounded image encoder), the pass is also exposed
 in parts: `embed` (patches + position + masking + CLS), `forward_blocks(x, start, end)`,
 and `norm`. With `grad_checkpointing` each block keeps only its input for the backward pass
@@ -35,6 +36,9 @@ class VisionConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     mask_ratio: float = 0.75  # MAE; in [0, 1)
+    # sincos: a fixed table (MAE). learnable: a parameter initialised with the same table, so
+    # that the two start equal and differ only in whether training moves it (Alifuse II).
+    pos_embed: Literal["sincos", "learnable"] = "sincos"
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
     decoder_num_heads: int = 16
@@ -137,6 +141,25 @@ def sincos_pos_embed(embed_dim: int, grid_size: Sequence[int], cls_token: bool =
     return table.float()
 
 
+def add_position_table(
+    module: nn.Module, kind: str, embed_dim: int, grid_size: Sequence[int]
+) -> None:
+    """Gives `module` its `pos_embed`: the (1, 1 + N, embed_dim) table of a token grid with a
+    CLS row.
+
+    sincos: a fixed buffer, rebuilt from the config and not saved, so optimizers, ZeRO
+    partitioning and checkpoints never see it. learnable: an `nn.Parameter` starting from the
+    same table, saved with the weights and trained like any other.
+    """
+    table = sincos_pos_embed(embed_dim, grid_size, cls_token=True)[None]
+    if kind == "learnable":
+        module.pos_embed = nn.Parameter(table)
+    elif kind == "sincos":
+        module.register_buffer("pos_embed", table, persistent=False)
+    else:
+        raise ValueError(f"pos_embed={kind!r}: expected 'sincos' or 'learnable'")
+
+
 class MaskedTokens(NamedTuple):
     """Output of `VisionTransformer.embed`."""
 
@@ -170,6 +193,13 @@ def random_masking(x: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor
     return kept, mask.gather(1, ids_restore), ids_restore
 
 
+def grounded_block(
+    block: Block, cross: nn.Module, x: Tensor, context: Tensor, context_mask: Tensor | None
+) -> Tensor:
+    """A block with a cross-attention layer between its self-attention and MLP: (B, T, D)."""
+    return block.feed_forward(cross(block.attend(x), context, context_mask))
+
+
 class VisionTransformer(nn.Module):
     """ViT with a CLS token for 2D or 3D inputs; encodes only the visible tokens when masking."""
 
@@ -181,10 +211,7 @@ class VisionTransformer(nn.Module):
             cfg.spatial_dims, cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        # A fixed table, rebuilt from the config: a buffer (not saved) rather than a frozen
-        # parameter, so optimizers, ZeRO partitioning and checkpoints never see it.
-        pos = sincos_pos_embed(cfg.embed_dim, cfg.grid_size, cls_token=True)
-        self.register_buffer("pos_embed", pos[None], persistent=False)  # (1, 1 + N, D)
+        add_position_table(self, cfg.pos_embed, cfg.embed_dim, cfg.grid_size)  # (1, 1 + N, D)
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)
         )
@@ -219,28 +246,35 @@ class VisionTransformer(nn.Module):
     ) -> Tensor:
         """Runs blocks [start, end) on x (B, T, D) -> (B, T, D).
 
-        `cross_blocks[i]` (a CrossBlock) runs right after block i, attending to `context`
-        (B, M, Dc) with `context_mask` (B, M) True=keep. A key `start - 1` runs first: it
-        continues a pass whose last block was `start - 1` (a trunk shared with another pass).
-        With `cfg.grad_checkpointing`, blocks and cross blocks alike are checkpointed.
+        `cross_blocks[i]` grounds block i in `context` (B, M, Dc) with `context_mask` (B, M)
+        True=keep: a `CrossBlock` runs right after block i, a `CrossAttentionLayer`
+        (`inside_block`) inside it, between its self-attention and its MLP. A CrossBlock at
+        key `start - 1` runs first: it continues a pass whose last block was `start - 1` (a
+        trunk shared with another pass). With `cfg.grad_checkpointing`, every block (with the
+        cross layer inside it) and every CrossBlock is checkpointed.
         """
         cross = {} if cross_blocks is None else cross_blocks
         end = len(self.blocks) if end is None else end
-        if start - 1 in cross:
-            x = self._run(cross[start - 1], x, context, context_mask)
+        before = cross.get(start - 1)
+        if before is not None and not before.inside_block:
+            x = self._run(before, x, context, context_mask)
         for i in range(start, end):
+            layer = cross.get(i)
+            if layer is not None and layer.inside_block:
+                x = self._run(grounded_block, self.blocks[i], layer, x, context, context_mask)
+                continue
             x = self._run(self.blocks[i], x)
-            if i in cross:
-                x = self._run(cross[i], x, context, context_mask)
+            if layer is not None:
+                x = self._run(layer, x, context, context_mask)
         return x
 
-    def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
-        """block(*args), under activation checkpointing when configured and it can matter."""
+    def _run(self, fn, *args):
+        """fn(*args), under activation checkpointing when configured and it can matter."""
         if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
             # Non-reentrant: gradients reach every parameter and input that needs them (the
             # context of a cross block too), even when x itself needs none.
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def forward_features(self, x: Tensor, mask_ratio: float = 0.0) -> Tensor:
         """(B, C, *spatial) -> normed tokens (B, 1 + K, D); K = N without masking."""

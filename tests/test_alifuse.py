@@ -314,7 +314,7 @@ def test_bad_model_config_raises(bert_dir: str) -> None:
     vision = tiny_vision(3)
     with pytest.raises(ValueError, match="cross_layers_image=3"):
         AlifuseConfig(vision=vision, cross_layers_image=3)
-    with pytest.raises(ValueError, match="nothing to pretrain"):
+    with pytest.raises(ValueError, match="task=pretrain has nothing to train"):
         AlifuseConfig(itc_weight=0.0, mae_weight=0.0, mlm_weight=0.0)
     with pytest.raises(ValueError, match="mask_ratio=0"):
         AlifuseConfig(vision=tiny_vision(3, mask_ratio=0.0))
@@ -341,7 +341,7 @@ def test_image_only_mae_needs_no_text_tower() -> None:
     assert set(out) == {"mae_loss"}
     out["mae_loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match="itc_weight=1.0: text_tower=none is image-only"):
+    with pytest.raises(ValueError, match="itc_weight=1.0: itc needs both towers"):
         AlifuseConfig(
             vision=tiny_vision(2), text_tower="none", mlm_weight=0.0, cross_layers_image=0
         )

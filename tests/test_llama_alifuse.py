@@ -36,7 +36,7 @@ def _llama_config(llama_dir: str, mode: str = "qlora", **overrides) -> AlifuseCo
 
 
 def test_llama_rules_are_config_errors(llama_dir: str) -> None:
-    with pytest.raises(ValueError, match="mlm_weight=1.0: masked text reconstruction"):
+    with pytest.raises(ValueError, match="mlm_weight=1.0: mlm needs a masked-LM text tower"):
         tiny_config("", text_tower="llama", llama=LlamaTextConfig(checkpoint=llama_dir))
     with pytest.raises(ValueError, match="cross_layers_text=1: the LLaMA tower"):
         _llama_config(llama_dir, task="classify", cross_layers_text=1)
