@@ -22,6 +22,7 @@ setup(
         "bitsandbytes>=0.45",
         "webdataset>=0.2.86",
         "nibabel>=5.0",
+        "monai>=1.3.1",  # get_medicalnet_pretrained_resnet_args
         "datasets>=3.0",
         "numpy",
         "torchmetrics>=1.4",
