@@ -2,7 +2,8 @@
 
     python scripts/make_ad_shards.py --out data/ad_shards \\
         --source adnimerge ADNIMERGE.csv ADNI/ --source oasis2 oasis_longitudinal.csv OAS2_RAW_PART1/
-    python scripts/make_ad_shards.py --out data/ad_shards --synthetic-root data/synthetic_ad
+    python scripts/make_ad_shards.py --out data/ad_shards --synthetic-root data/synthetic_ad \\
+        --holdout AIBL OASIS-2 MIRIAD   # the Alifuse protocol: zero-shot cohorts kept out whole
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="preprocessing processes")
     parser.add_argument(
-        "--word-limit", type=int, default=64, help="words kept of a narrative summary"
+        "--word-limit", type=int, default=40, help="words kept of a narrative summary (paper: 40)"
+    )
+    parser.add_argument(
+        "--holdout",
+        nargs="+",
+        default=[],
+        metavar="COHORT",
+        help="cohorts kept out of train/val/test, each written whole as its own split "
+        "(OUT/COHORT/), e.g. --holdout AIBL OASIS-2 MIRIAD",
     )
     parser.add_argument(
         "--split-ratios",
@@ -75,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             split_ratios=tuple(args.split_ratios),
             workers=args.workers,
             word_limit=args.word_limit,
+            holdout=args.holdout,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"make_ad_shards: error: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ The diagnosis is the label, so it is never rendered: a text tower must not read 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,35 @@ SENTENCES: dict[str, str] = {
 
 # Volumes in mm3 (ADNIMERGE FreeSurfer columns): whole numbers with thousands separators.
 VOLUME_FIELDS = frozenset({"ventricles", "hippocampus", "whole_brain", "icv"})
+
+# The kinds of clinical information (the Alifuse paper's Tables I and III): a field belongs to
+# one group; fields of no listed group (other table columns) are "other". SES counts as a lab
+# result, as the paper counts it; image-derived measures (FreeSurfer volumes, OASIS eTIV /
+# nWBV / ASF) are a group of their own, so an ablation can keep them out of the text.
+FIELD_GROUPS: dict[str, frozenset[str]] = {
+    "demographics": frozenset({"age", "sex", "handedness", "education_years"}),
+    "lab_results": frozenset(
+        {"mmse", "cdr", "cdr_sb", "logical_memory", "ses", "apoe4_alleles", "apoe_genotype"}
+    ),
+    "summary": frozenset({"summary"}),
+    "imaging_measures": frozenset(
+        {"ventricles", "hippocampus", "whole_brain", "icv", "etiv", "nwbv", "asf"}
+    ),
+}
+GROUP_NAMES = (*FIELD_GROUPS, "other")
+
+
+def field_group(key: str) -> str:
+    """The group a clinical field belongs to (see FIELD_GROUPS); "other" for any other column."""
+    name = key.strip().lower()
+    return next((group for group, keys in FIELD_GROUPS.items() if name in keys), "other")
+
+
+def check_groups(groups: Iterable[str], key: str) -> None:
+    """Raises ValueError naming `key` for a name that is not a field group."""
+    unknown = [g for g in groups if g not in GROUP_NAMES]
+    if unknown:
+        raise ValueError(f"{key}: unknown field group(s) {unknown}; expected any of {GROUP_NAMES}")
 
 
 def is_missing(value: Any) -> bool:
@@ -133,17 +162,28 @@ def _sentence(key: str, value: Any) -> str:
     return f"The {key.replace('_', ' ').strip()} is {text}."
 
 
-def render_text(fields: Mapping[str, Any], word_limit: int = 64, source: str | Path = "") -> str:
+def render_text(
+    fields: Mapping[str, Any],
+    word_limit: int = 40,
+    source: str | Path = "",
+    drop: Iterable[str] = (),
+    allow_empty: bool = False,
+) -> str:
     """Render clinical fields as sentences: known fields in a fixed order, then other columns
     ("The <column> is <value>."), then the narrative ``summary`` cut to ``word_limit`` words.
 
-    Missing values are left out; label-like columns (diagnosis, DX, group) are never rendered.
-    Raises RecordError("empty_text") when nothing is left to say.
+    Missing values are left out; label-like columns (diagnosis, DX, group) are never rendered;
+    fields of the groups in ``drop`` (FIELD_GROUPS names) are left out too. Raises
+    RecordError("empty_text") when nothing is left to say, unless ``allow_empty``.
     """
     if word_limit < 1:
         raise ValueError(f"word_limit must be >= 1, got {word_limit}")
+    dropped = set(drop)
+    check_groups(dropped, "drop")
     present = {
-        k: v for k, v in fields.items() if not is_missing(v) and k.lower() not in LEAKY_FIELDS
+        k: v
+        for k, v in fields.items()
+        if not is_missing(v) and k.lower() not in LEAKY_FIELDS and field_group(k) not in dropped
     }
     sentences = [_sentence(k, present[k]) for k in SENTENCES if k in present]
     sentences += [
@@ -154,6 +194,6 @@ def render_text(fields: Mapping[str, Any], word_limit: int = 64, source: str | P
         if summary:
             sentences.append(summary)
     text = " ".join(sentences)
-    if not text.strip():
+    if not text.strip() and not allow_empty:
         raise RecordError("empty_text", source, "expected at least one clinical field with a value")
     return text

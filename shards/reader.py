@@ -23,8 +23,11 @@ the same for both. The batch keys are fixed per format:
   medalign-ad-v1 (Alzheimer's volumes, shards/writer.py):
     image (B, 1, S, S, S) float16 as stored (the trainer casts it on the device; a volume
     stored in another dtype is read as float32), input_ids (B, L) long, attention_mask (B, L) long,
-    label (B,) long (data.label_mode: three_class NC/MCI/AD or binary), valid (B,) bool,
-    key / cohort / split (lists of str), worker, skipped
+    label (B,) long (data.label_mode: three_class NC/MCI/AD or binary), binary (B,) bool (the
+    sample's cohort is published as NC vs impaired only: OASIS-2, MIRIAD), valid (B,) bool,
+    key / subject / cohort / split (lists of str), worker, skipped
+    The text is the stored one, or (data.clinical) rendered again from the stored clinical
+    fields without some field groups or with another summary word limit.
 
   medalign-cxr-v1 (chest X-rays, shards/mimic_cxr.py):
     image (B, 1, S, S) float32 in [0, 1] (8- or 16-bit PNG), input_ids (B, L) long,
@@ -65,6 +68,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.chexpert import NUM_LABELS as CXR_NUM_LABELS
 from shards.chexpert import LabelPolicyConfig, labels_to_array
+from shards.clinical import check_groups, render_text
 from shards.dicom import decode_png
 from shards.splits import label_fraction_indices
 
@@ -84,18 +88,45 @@ FORMATS = tuple(SIZE_KEYS)
 
 
 @dataclass
+class ClinicalTextConfig:
+    """medalign-ad-v1 only: the clinical text rendered again at load time from the fields the
+    shards store (shards/clinical.py), so an ablation needs no new shards."""
+
+    # Field groups left out of the text: any of demographics, lab_results, summary,
+    # imaging_measures, other (shards.clinical.FIELD_GROUPS). A sample left with no field keeps
+    # an empty text, so every ablation scores the same samples.
+    drop: list[str] = field(default_factory=list)
+    summary_words: int = (
+        0  # narrative summary cut to this many words; 0: as the shards were written
+    )
+
+    def __post_init__(self) -> None:
+        check_groups(self.drop, "drop")
+        if self.summary_words < 0:
+            raise ValueError(f"summary_words={self.summary_words}: expected >= 0 (0: as written)")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.drop) or self.summary_words > 0
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how they are streamed. Batch sizes are per process."""
 
     train: str = "data/ad_shards/train"  # a split folder holding manifest.json and its tars
     val: str = "data/ad_shards/val"
     test: str = "data/ad_shards/test"
+    # More named splits (name -> folder), evaluated when train.eval_splits names them: e.g. the
+    # cohorts the shard writer held out (--holdout), {AIBL: data/ad_shards/AIBL, ...}.
+    extra_splits: dict[str, str] = field(default_factory=dict)
     batch_size: int = 8
     eval_batch_size: int = 16
     num_workers: int = 0
     shuffle_buffer: int = 256
     resampled: bool = False  # draw shards with replacement per rank instead of splitting them
     label_mode: Literal["three_class", "binary"] = "three_class"  # medalign-ad-v1 only
+    clinical: ClinicalTextConfig = field(default_factory=ClinicalTextConfig)
     # medalign-cxr-v1 only: what uncertain (-1) and blank (not mentioned) labels become
     labels: LabelPolicyConfig = field(default_factory=LabelPolicyConfig)
     # Label-fraction runs: train on this fraction of the training split's samples (e.g. 0.01,
@@ -114,6 +145,21 @@ class DataConfig:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer}: expected >= 1")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction={self.label_fraction}: expected a value in (0, 1]")
+        for name in self.extra_splits:
+            if name in ("train", "val", "test") or not name:
+                raise ValueError(
+                    f"extra_splits has a split named {name!r}: expected a name other than "
+                    "train, val and test (those have keys of their own)"
+                )
+
+    def split_dir(self, name: str) -> str:
+        """The folder of a named split: train, val, test or a key of extra_splits."""
+        if name in ("train", "val", "test"):
+            return getattr(self, name)
+        if name not in self.extra_splits:
+            known = ["train", "val", "test", *self.extra_splits]
+            raise KeyError(f"no split named {name!r}; known: {known} (data.extra_splits adds more)")
+        return self.extra_splits[name]
 
 
 @dataclass
@@ -125,6 +171,8 @@ class ShardSet:
     num_samples: int
     size: int | None  # side length S of every image (volume_size / image_size), if recorded
     format: str = AD_FORMAT
+    name: str = ""  # the split's name (the manifest's "split", else the folder's name)
+    word_limit: int = 64  # words the writer kept of a narrative summary (64 before it was recorded)
 
     @property
     def volume_size(self) -> int | None:
@@ -167,6 +215,8 @@ class ShardSet:
             int(manifest["num_samples"]),
             None if size is None else int(size),
             fmt,
+            str(manifest.get("split") or Path(folder).name),
+            int(manifest.get("word_limit", 64)),
         )
 
 
@@ -234,8 +284,28 @@ def _all_finite(volume: np.ndarray) -> bool:
     )
 
 
-def decode_sample(raw: dict[str, Any], label_mode: str) -> dict[str, Any]:
-    """Decodes one tar sample of format medalign-ad-v1; raises ValueError naming what is wrong."""
+def clinical_text(meta: dict[str, Any], clinical: ClinicalTextConfig, word_limit: int) -> str:
+    """The sample's text rendered again from its stored fields (``meta["fields"]``), without
+    the field groups in ``clinical.drop`` and with the summary cut to ``clinical.summary_words``
+    (or the writer's ``word_limit``); the same renderer as the writer's, so with nothing
+    dropped it reproduces the stored text."""
+    fields = meta.get("fields")
+    if not isinstance(fields, dict):
+        raise ValueError("has no 'fields' object in its json; data.clinical needs them")
+    words = clinical.summary_words or word_limit
+    return render_text(fields, word_limit=words, drop=clinical.drop, allow_empty=True)
+
+
+def decode_sample(
+    raw: dict[str, Any],
+    label_mode: str,
+    clinical: ClinicalTextConfig | None = None,
+    word_limit: int = 64,
+) -> dict[str, Any]:
+    """Decodes one tar sample of format medalign-ad-v1; raises ValueError naming what is wrong.
+
+    With an active ``clinical`` config the text is rendered again from the stored fields
+    (``word_limit``: the writer's summary limit, from the manifest)."""
     key = raw.get("__key__", "?")
     url = raw.get("__url__", "?")
     for member in ("vol.npy", "txt", "json"):
@@ -254,6 +324,11 @@ def decode_sample(raw: dict[str, Any], label_mode: str) -> dict[str, Any]:
     if not text:
         raise ValueError(f"{url}: sample {key} has empty text")
     meta = json.loads(raw["json"])
+    if clinical is not None and clinical.active:
+        try:
+            text = clinical_text(meta, clinical, word_limit)
+        except ValueError as exn:
+            raise ValueError(f"{url}: sample {key} {exn}") from exn
     label = int(meta["label"])
     if label not in (0, 1, 2):
         raise ValueError(f"{url}: sample {key} label={label}, expected 0, 1 or 2")
@@ -264,8 +339,10 @@ def decode_sample(raw: dict[str, Any], label_mode: str) -> dict[str, Any]:
         "text": text,
         "label": label,
         "key": key,
+        "subject": str(meta.get("subject", "")),
         "cohort": meta.get("cohort", ""),
         "split": meta.get("split", ""),
+        "binary": bool(meta.get("binary", False)),
     }
 
 
@@ -330,7 +407,12 @@ def sample_decoder(shards: ShardSet, cfg: DataConfig) -> Callable[[dict[str, Any
     """raw tar sample -> decoded sample, for the split's format (picklable for loader workers)."""
     if shards.format == CXR_FORMAT:
         return partial(decode_cxr_sample, policy=cfg.labels, size=shards.size)
-    return partial(decode_sample, label_mode=cfg.label_mode)
+    return partial(
+        decode_sample,
+        label_mode=cfg.label_mode,
+        clinical=cfg.clinical,
+        word_limit=shards.word_limit,
+    )
 
 
 def _stack_images(images: list[np.ndarray]) -> torch.Tensor:
@@ -381,6 +463,8 @@ class _Batcher:
             out["split"] = [s["split"] for s in samples]
             out["group"] = [s["group"] for s in samples]
         else:
+            out["binary"] = torch.tensor([s["binary"] for s in samples], dtype=torch.bool)
+            out["subject"] = [s["subject"] for s in samples]
             out["cohort"] = [s["cohort"] for s in samples]
             out["split"] = [s["split"] for s in samples]
         return out

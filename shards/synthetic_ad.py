@@ -88,6 +88,15 @@ SUMMARY_PHRASES = {
     ),
 }
 
+# Demographics by diagnosis at the first visit, as the cohorts report them (ADNI baseline:
+# AD patients are older and less educated on average, MCI groups hold more men, AD groups
+# more women): weak, overlapping signal, as demographics carry in real data.
+DEMOGRAPHICS = {
+    "NC": {"age": 72.0, "female": 0.55, "education": 16.3},
+    "MCI": {"age": 74.0, "female": 0.42, "education": 15.8},
+    "AD": {"age": 76.0, "female": 0.58, "education": 14.8},
+}
+
 # The ventricle field threshold (clip range) and the softness of the ventricle edge.
 VENTRICLE_THRESHOLDS = (0.04, 0.65)
 VENTRICLE_WIDTH = 0.03
@@ -519,7 +528,8 @@ def _make_subject(cohort: str, index: int, rng: np.random.Generator) -> Subject:
         first
     ]
     rate = {"NC": 0.06, "MCI": 0.25, "AD": 0.3}[first]
-    age0 = float(np.clip(rng.normal(73, 7), 55, 92))
+    demo = DEMOGRAPHICS[first]
+    age0 = float(np.clip(rng.normal(demo["age"], 7), 55, 92))
     sid = {
         "ADNI": f"{rng.integers(2, 150):03d}_S_{1000 + index:04d}",
         "OASIS-2": f"OAS2_{index + 1:04d}",
@@ -527,8 +537,9 @@ def _make_subject(cohort: str, index: int, rng: np.random.Generator) -> Subject:
         "AIBL": f"{10 + index}",
         "MIRIAD": f"miriad_{188 + index:03d}",
     }[cohort]
+    sex = str(rng.choice(["F", "M"], p=[demo["female"], 1.0 - demo["female"]]))
     subject = Subject(
-        cohort, sid, rng.choice(["F", "M"]), int(np.clip(round(rng.normal(15.5, 3)), 6, 20))
+        cohort, sid, sex, int(np.clip(round(rng.normal(demo["education"], 3)), 6, 20))
     )
     n_visits = int(rng.integers(1, 4))
     years = 0.0

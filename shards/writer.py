@@ -227,6 +227,7 @@ def _write_split(
     seed: int,
     workers: int,
     rejects: list[Reject],
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -257,15 +258,33 @@ def _write_split(
         "shards": sink.close(),
         "volume_size": size,
         "format": FORMAT,
+        **extra,
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
+def _check_holdout(holdout: Sequence[str], cohorts: set[str]) -> tuple[str, ...]:
+    """The held-out cohort names, checked against the cohorts read and the split names."""
+    clash = [c for c in holdout if c in SPLITS]
+    if clash:
+        raise ValueError(f"holdout {clash}: {', '.join(SPLITS)} are split names, not cohorts")
+    unknown = [c for c in holdout if c not in cohorts]
+    if unknown:
+        raise ValueError(
+            f"holdout {unknown}: no such cohort among the records read; cohorts: {sorted(cohorts)}"
+        )
+    if len(set(holdout)) != len(holdout):
+        raise ValueError(f"holdout {list(holdout)}: a cohort is named twice")
+    if cohorts and set(holdout) == cohorts:
+        raise ValueError(f"holdout {list(holdout)}: every cohort is held out, nothing to train on")
+    return tuple(holdout)
+
+
 def summary_line(report: dict[str, Any]) -> str:
     """One line: records in, written per split, rejected by reason."""
     w, r = report["written"], report["rejected"]
-    splits = " ".join(f"{s}={w[s]}" for s in SPLITS)
+    splits = " ".join(f"{s}={w[s]}" for s in (*SPLITS, *report.get("holdout", ())))
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["by_reason"].items())) or "none"
     return (
         f"AD shards: {report['records_in']} records in -> {w['total']} written ({splits}), "
@@ -281,13 +300,18 @@ def write_ad_shards(
     seed: int = 0,
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
     workers: int = 1,
-    word_limit: int = 64,
+    word_limit: int = 40,
+    holdout: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Read AD sources, preprocess volumes, split by subject and write WebDataset shards.
 
     ``sources``: (fmt, table, images_root[, cohort]) with fmt in generic / adnimerge / oasis2.
     Writes <out>/<split>/<split>-NNNNNN.tar and manifest.json per split, <out>/rejects.jsonl
     and <out>/report.json; returns the report. Every input ends up written or rejected.
+    ``holdout`` cohorts are kept out of train / val / test whole: each is written as a split
+    of its own, <out>/<cohort>/ (the paper's zero-shot cohorts: AIBL, OASIS-2, MIRIAD).
+    Narrative summaries are cut to ``word_limit`` words (the paper: 40); the manifests record
+    it, so the reader can render the text again from the stored fields.
     """
     if size < 2:
         raise ValueError(f"size must be >= 2, got {size}")
@@ -299,21 +323,35 @@ def write_ad_shards(
     out.mkdir(parents=True, exist_ok=True)
 
     kept, rejects, records_in, stats = _collect(sources, word_limit)
-    splits = assign_splits(subject_strata(rec for rec, _ in kept), ratios, seed)
-    by_split: dict[str, list[tuple[AdRecord, str]]] = {s: [] for s in SPLITS}
+    holdout = _check_holdout(holdout, {rec.cohort for rec, _ in kept})
+    pooled = [(rec, text) for rec, text in kept if rec.cohort not in holdout]
+    splits = assign_splits(subject_strata(rec for rec, _ in pooled), ratios, seed)
+    for rec, _ in kept:
+        if rec.cohort in holdout:
+            splits[(rec.cohort, rec.subject)] = rec.cohort
+    names = (*SPLITS, *holdout)
+    by_split: dict[str, list[tuple[AdRecord, str]]] = {s: [] for s in names}
     for rec, text in kept:
         by_split[splits[(rec.cohort, rec.subject)]].append((rec, text))
     log.info("%d records in, %d rejected before reading volumes", records_in, len(rejects))
 
     manifests = {
         split: _write_split(
-            split, by_split[split], out, size, samples_per_shard, seed, workers, rejects
+            split,
+            by_split[split],
+            out,
+            size,
+            samples_per_shard,
+            seed,
+            workers,
+            rejects,
+            {"word_limit": word_limit, "holdout": split in holdout},
         )
-        for split in SPLITS
+        for split in names
     }
     write_rejects(out / "rejects.jsonl", rejects)
 
-    written = {split: manifests[split]["num_samples"] for split in SPLITS}
+    written = {split: manifests[split]["num_samples"] for split in names}
     written["total"] = sum(written.values())
     subjects = Counter(splits.values())
     report: dict[str, Any] = {
@@ -325,7 +363,9 @@ def write_ad_shards(
         "records_in": records_in,
         "written": written,
         "rejected": {"total": len(rejects), "by_reason": dict(Counter(r.reason for r in rejects))},
-        "subjects": {split: subjects.get(split, 0) for split in SPLITS},
+        "subjects": {split: subjects.get(split, 0) for split in names},
+        "holdout": list(holdout),
+        "word_limit": word_limit,
         "source_stats": stats,
         "seconds": round(time.perf_counter() - started, 3),
     }

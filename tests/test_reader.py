@@ -220,14 +220,17 @@ def test_manifest_format_and_ad_batch_keys(tmp_path, ad_shards):
         "input_ids",
         "attention_mask",
         "label",
+        "binary",
         "valid",
         "key",
+        "subject",
         "cohort",
         "split",
         "worker",
         "skipped",
     }
     assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["label"].dtype == torch.long
+    assert batch["binary"].dtype == torch.bool and all(batch["subject"])
     manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
     (tmp_path / "old" / "manifest.json").write_text(json.dumps({**manifest, "format": "nifti"}))
     with pytest.raises(ValueError, match="unknown shard format 'nifti'.*medalign-ad-v1"):
