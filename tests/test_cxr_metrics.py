@@ -14,7 +14,6 @@ from sklearn.metrics import roc_auc_score
 from shards.splits import label_fraction_indices
 from trainer.cxr_metrics import (
     CHEXPERT_LABELS,
-    _weighted_auroc,
     bootstrap_ci,
     format_table,
     label_counts,
@@ -22,6 +21,7 @@ from trainer.cxr_metrics import (
     multilabel_accuracy,
     multilabel_auroc,
     multilabel_metrics,
+    weighted_auroc,
 )
 
 L = len(CHEXPERT_LABELS)
@@ -91,18 +91,18 @@ def test_no_defined_label_gives_no_mauc() -> None:
     assert per_label == [None] * L and mauc is None
 
 
-def test_weighted_auroc_equals_sklearn_on_repeated_rows() -> None:
+def testweighted_auroc_equals_sklearn_on_repeated_rows() -> None:
     g = torch.Generator().manual_seed(4)
     scores = torch.randint(0, 20, (60,), generator=g).double()  # many ties
     positive = torch.rand(60, generator=g) < 0.4
     weights = torch.randint(0, 4, (5, 60), generator=g).double()
-    got = _weighted_auroc(scores, positive, weights)
+    got = weighted_auroc(scores, positive, weights)
     for b in range(5):
         reps = weights[b].long().numpy()
         y = np.repeat(positive.numpy(), reps)
         s = np.repeat(scores.numpy(), reps)
         assert got[b].item() == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    only_neg = _weighted_auroc(scores, positive, torch.where(positive, 0.0, 1.0)[None].double())
+    only_neg = weighted_auroc(scores, positive, torch.where(positive, 0.0, 1.0)[None].double())
     assert only_neg.isnan().all()
 
 

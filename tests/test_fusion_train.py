@@ -93,7 +93,9 @@ def test_early_stopping_names_a_missing_metric(ad_shards, tiny_bert, tmp_path):
         "train.eval_every=1",
         "train.early_stop_metric=f2",
     )
-    with pytest.raises(AssertionError, match="early_stop_metric='f2'.*it has: acc, auc, f1"):
+    with pytest.raises(
+        AssertionError, match="early_stop_metric='f2'.*it has: acc, auc, cls_loss, f1"
+    ):
         run_cmd(cmd)
 
 

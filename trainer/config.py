@@ -42,7 +42,8 @@ class TrainConfig:
     # Owned here, not by `accelerate launch --mixed_precision`: auto is bf16 where the GPU has it.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     init_from: str = ""  # run folder or .safetensors whose weights start this run (fine-tuning)
-    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated at the end
+    # Splits scored at the end: val, test, or names of data.extra_splits (held-out cohorts).
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])
     progress: bool = True
     bootstrap: int = 1000  # resamples for the multi-label AUROC confidence intervals (0: none)
     # Extra evaluation of contrastive pretraining (model.task=pretrain with ITC): image <-> report
@@ -72,9 +73,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip}: expected >= 0")
-        for split in self.eval_splits:
-            if split not in ("val", "test"):
-                raise ValueError(f"eval_splits contains {split!r}: expected 'val' or 'test'")
+        if "train" in self.eval_splits:
+            raise ValueError("eval_splits contains 'train': expected val, test or held-out names")
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        itc = self.model.task == "pretrain" and self.model.itc_weight > 0
+        itc = self.model.task == "pretrain" and self.model.has_itc
         for name in ("retrieval", "zero_shot"):
             if getattr(self.train, name) and not itc:
                 raise ValueError(
@@ -93,6 +93,13 @@ class Config:
                     f"model.itc_weight > 0 (got task={self.model.task}, "
                     f"itc_weight={self.model.itc_weight})"
                 )
+        known = ["val", "test", *self.data.extra_splits]
+        unknown = [s for s in self.train.eval_splits if s not in known]
+        if unknown:
+            raise ValueError(
+                f"train.eval_splits names {unknown}: expected any of {known} "
+                "(data.extra_splits names more splits)"
+            )
 
 
 def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

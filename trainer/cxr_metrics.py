@@ -97,7 +97,7 @@ def label_counts(targets: Tensor, mask: Tensor | None = None) -> tuple[list[int]
     return y.sum(0).tolist(), m.sum(0).tolist()
 
 
-def _weighted_auroc(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:
+def weighted_auroc(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:
     """AUROC of one label under B row weightings, as the Mann-Whitney statistic with ties at 1/2.
 
     scores (n,), positive (n,) bool, weights (B, n) (bootstrap multiplicities) -> (B,) float64,
@@ -168,7 +168,7 @@ def bootstrap_ci(
             if point[j] is None:
                 continue
             rows = mask[:, j]
-            replicates[start : start + b, j] = _weighted_auroc(
+            replicates[start : start + b, j] = weighted_auroc(
                 scores[rows, j], targets[rows, j] == 1, weights[:, rows]
             )
 

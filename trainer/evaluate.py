@@ -1,7 +1,13 @@
-"""Evaluation: gather predictions from every rank, score them (torchmetrics), per cohort too."""
+"""Evaluation: gather predictions from every rank, score them (torchmetrics), per cohort too.
+
+Binary cohorts (OASIS-2 and MIRIAD publish NC vs demented only) are scored from a three-class
+model as NC vs impaired: P(impaired) = P(MCI) + P(AD), predicted impaired when it exceeds
+P(NC) (i.e. 0.5); ACC, AUC, precision / recall / F1 of the impaired class.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,6 +15,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_confusion_matrix,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
     multiclass_accuracy,
     multiclass_auroc,
     multiclass_confusion_matrix,
@@ -47,6 +59,37 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     return out
 
 
+def binary_metrics(p_impaired: torch.Tensor, impaired: torch.Tensor) -> dict[str, Any]:
+    """NC vs impaired: ACC at 0.5, AUC of P(impaired), P / R / F1 of the impaired class and the
+    2 x 2 confusion matrix. AUC is None where the labels hold a single class."""
+    target = impaired.long()
+    out: dict[str, Any] = {
+        "n": int(target.numel()),
+        "acc": binary_accuracy(p_impaired, target).item(),
+        "precision": binary_precision(p_impaired, target).item(),
+        "recall": binary_recall(p_impaired, target).item(),
+        "f1": binary_f1_score(p_impaired, target).item(),
+        "confusion": binary_confusion_matrix(p_impaired, target).tolist(),
+        "scoring": "binary_collapse",
+    }
+    out["auc"] = binary_auroc(p_impaired, target).item() if target.unique().numel() > 1 else None
+    return out
+
+
+def collapse_to_binary(logits: torch.Tensor) -> torch.Tensor:
+    """Three-class logits (N, 3) of NC / MCI / AD -> P(MCI) + P(AD) (N,)."""
+    probs = logits.float().softmax(dim=-1)
+    return probs[:, 1:].sum(dim=-1)
+
+
+def reduce_mean(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Averages a dict of floats across ranks (same keys on every rank)."""
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    tensor = accelerator.reduce(tensor, reduction="mean")
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
 @torch.no_grad()
 def predict(
     model: torch.nn.Module,
@@ -55,19 +98,33 @@ def predict(
     move,
     tensor_keys: tuple[str, ...] = ("label",),
     list_keys: tuple[str, ...] = ("cohort", "key"),
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Runs the model on this rank's share and gathers logits, `tensor_keys` and `list_keys`
-    of every rank; padding rows (`valid` False) are dropped, so each sample counts once."""
+    of every rank; padding rows (`valid` False) are dropped, so each sample counts once.
+
+    "losses" holds the mean of any `*_loss` the model also returns (joint training's terms),
+    averaged over batches and ranks; the random masks they draw come from `seed`, on a forked
+    RNG, so evaluating never moves the training RNG.
+    """
     model.eval()
     tensors: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "valid", *tensor_keys)}
     lists: dict[str, list] = {k: [] for k in list_keys}
-    for batch in loader:
-        out = model(move(batch))
-        tensors["logits"].append(out["logits"].float())
-        for key in ("valid", *tensor_keys):
-            tensors[key].append(batch[key])
-        for key in list_keys:
-            lists[key] += batch[key]
+    sums: dict[str, float] = defaultdict(float)
+    batches = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in loader:
+            out = model(move(batch))
+            tensors["logits"].append(out["logits"].float())
+            for key in ("valid", *tensor_keys):
+                tensors[key].append(batch[key])
+            for key in list_keys:
+                lists[key] += batch[key]
+            for key, value in out.items():
+                if key.endswith("_loss"):
+                    sums[key] += float(value)
+            batches += 1
     model.train()
     gathered = {
         k: accelerator.gather(torch.cat(v).to(accelerator.device)).cpu() for k, v in tensors.items()
@@ -78,17 +135,37 @@ def predict(
     for key, values in lists.items():
         every = gather_object(values)
         result[key] = [every[i] for i in keep]
+    means = {k: v / max(batches, 1) for k, v in sums.items()}
+    result["losses"] = reduce_mean(accelerator, means) if means else {}
     return result
 
 
-def score(pred: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """Overall and per-cohort metrics from `predict`'s output."""
-    result = classification_metrics(pred["logits"], pred["label"], num_classes)
+def _metrics(logits: torch.Tensor, labels: torch.Tensor, binary: torch.Tensor | None, k: int):
+    """Three-class metrics, or binary ones when every sample is of a binary cohort."""
+    if binary is not None and len(binary) and bool(binary.all()):
+        return binary_metrics(collapse_to_binary(logits), labels > 0)
+    out = classification_metrics(logits, labels, k)
+    out["scoring"] = "three_class" if k == 3 else "multiclass"
+    return out
+
+
+def score(pred: dict[str, Any], num_classes: int, collapse_binary: bool = False) -> dict[str, Any]:
+    """Overall and per-cohort metrics from `predict`'s output.
+
+    With `collapse_binary` (a three-class model) a split or cohort whose samples are all of
+    binary cohorts (`pred["binary"]`) is scored as NC vs impaired (see the module docstring);
+    a split that mixes both is scored three-class overall, and binary per binary cohort.
+    """
+    binary = pred.get("binary") if collapse_binary else None
+    result = _metrics(pred["logits"], pred["label"], binary, num_classes)
     result["per_cohort"] = {}
     for cohort in sorted(set(pred["cohort"])):
         idx = torch.tensor([i for i, c in enumerate(pred["cohort"]) if c == cohort])
-        result["per_cohort"][cohort] = classification_metrics(
-            pred["logits"][idx], pred["label"][idx], num_classes
+        result["per_cohort"][cohort] = _metrics(
+            pred["logits"][idx],
+            pred["label"][idx],
+            None if binary is None else binary[idx],
+            num_classes,
         )
     return result
 

@@ -20,8 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from models.alifuse import build_model
-from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
-from shards.reader import LABEL_NAMES, build_eval_loader, build_train_loader
+from shards.reader import ShardSet, build_train_loader
 from trainer import checkpoint as ckpt
 from trainer.config import Config, save_config
 from trainer.distributed import (
@@ -32,11 +31,11 @@ from trainer.distributed import (
     model_hidden_size,
     optimizer_offloaded,
 )
-from trainer.embed_eval import SplitEmbeddings, retrieval_metrics, zero_shot_metrics
-from trainer.evaluate import predict, score, score_multilabel
+from trainer.evaluate import reduce_mean
 from trainer.metrics_log import MetricLogger
 from trainer.optim import build_optimizer, lr_at, set_lr
-from trainer.plots import plot_confusion, plot_label_auroc, plot_losses, plot_roc
+from trainer.plots import plot_losses
+from trainer.tasks import EvalContext, Task, build_task
 
 log = logging.getLogger("medalign")
 
@@ -72,6 +71,7 @@ class Mover:
 
 
 def train_step(
+    task: Task,
     model: torch.nn.Module,
     batches: list[dict[str, Any]],
     optimizer: torch.optim.Optimizer,
@@ -82,8 +82,7 @@ def train_step(
     totals: dict[str, float] = defaultdict(float)
     for batch in batches:
         with accelerator.accumulate(model):
-            out = model(batch)
-            losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+            losses, extras = task.losses(model, batch)
             loss = sum(losses.values())
             accelerator.backward(loss)
             # DeepSpeed clips inside its step from the JSON's gradient_clipping (set from ours).
@@ -98,117 +97,8 @@ def train_step(
         for key, value in losses.items():
             totals[key] += value.detach().float().item() / len(batches)
         totals["loss"] += loss.detach().float().item() / len(batches)
-        if "logit_scale" in out:
-            totals["logit_scale"] = float(out["logit_scale"])
+        totals.update(extras)
     return dict(totals)
-
-
-def reduce_mean(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
-    """Averages a dict of floats across ranks (same keys on every rank)."""
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], device=accelerator.device, dtype=torch.float64)
-    tensor = accelerator.reduce(tensor, reduction="mean")
-    return dict(zip(keys, tensor.tolist(), strict=True))
-
-
-@torch.no_grad()
-def eval_losses(
-    model,
-    loader,
-    accelerator: Accelerator,
-    move: Mover,
-    seed: int,
-    embeddings: SplitEmbeddings | None = None,
-) -> dict[str, float]:
-    """Mean pretraining losses on a split; the eval's random masks do not touch the train RNG.
-    With `embeddings`, each batch's unmasked image / text states are collected in the same pass."""
-    model.eval()
-    sums: dict[str, float] = defaultdict(float)
-    count = 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for batch in loader:
-            batch = move(batch)
-            out = model(batch)
-            for key, value in out.items():
-                if key.endswith("_loss"):
-                    sums[key] += float(value)
-            if embeddings is not None:
-                embeddings.add(model, batch)
-            count += 1
-    model.train()
-    return reduce_mean(accelerator, {k: v / max(count, 1) for k, v in sums.items()})
-
-
-def evaluate(
-    cfg: Config, model, accelerator: Accelerator, move: Mover, tokenizer, split: str, plots: bool
-) -> dict[str, Any]:
-    """Scores one split: classification metrics (classify) or mean losses (pretrain)."""
-    loader = build_eval_loader(
-        getattr(cfg.data, split),
-        cfg.data,
-        tokenizer,
-        cfg.model.text_max_length,
-        accelerator.process_index,
-        accelerator.num_processes,
-    )
-    out = Path(cfg.train.output_dir)
-    if cfg.model.task == "pretrain":
-        collect = SplitEmbeddings() if cfg.train.retrieval or cfg.train.zero_shot else None
-        result: dict[str, Any] = eval_losses(
-            model, loader, accelerator, move, cfg.train.seed, collect
-        )
-        if collect is not None:
-            emb = collect.gather(accelerator)
-            bare = accelerator.unwrap_model(model)
-            if cfg.train.retrieval:
-                result.update(retrieval_metrics(bare, emb, accelerator.device, (1, 5, 10)))
-            if cfg.train.zero_shot:
-                zs, probs = zero_shot_metrics(
-                    bare,
-                    model,
-                    emb,
-                    tokenizer,
-                    cfg.model.text_max_length,
-                    move,
-                    list(CXR_LABEL_NAMES),
-                    cfg.train.bootstrap if plots else 0,
-                )
-                result["zero_shot_mauc"] = zs["mauc"]
-                result["zero_shot"] = zs
-                if plots and accelerator.is_main_process:
-                    with open(out / f"zero_shot_{split}.jsonl", "w", encoding="utf-8") as fh:
-                        for key, row in zip(emb["key"], probs.tolist(), strict=True):
-                            fh.write(json.dumps({"key": key, "probs": row}) + "\n")
-        return result
-    if cfg.model.task == "multilabel":
-        pred = predict(model, loader, accelerator, move, ("labels", "label_mask"), ("group", "key"))
-        names = list(CXR_LABEL_NAMES)  # the reader checks the manifest against these
-        result = score_multilabel(pred, names, cfg.train.bootstrap if plots else 0)
-        if plots and accelerator.is_main_process:
-            plot_label_auroc(result, out / f"auroc_{split}.png", f"Per-label AUROC ({split})")
-        return result
-    pred = predict(model, loader, accelerator, move, ("label",), ("cohort", "key"))
-    names = LABEL_NAMES[cfg.data.label_mode]
-    result = score(pred, cfg.model.num_classes)
-    if plots and accelerator.is_main_process:
-        plot_roc(pred["logits"], pred["label"], names, out / f"roc_{split}.png", f"ROC ({split})")
-        plot_confusion(
-            result["confusion"], names, out / f"confusion_{split}.png", f"Confusion ({split})"
-        )
-        with open(out / f"predictions_{split}.jsonl", "w", encoding="utf-8") as fh:
-            for key, cohort, label, logits in zip(
-                pred["key"],
-                pred["cohort"],
-                pred["label"].tolist(),
-                pred["logits"].tolist(),
-                strict=True,
-            ):
-                fh.write(
-                    json.dumps({"key": key, "cohort": cohort, "label": label, "logits": logits})
-                    + "\n"
-                )
-    return result
 
 
 class EarlyStopping:
@@ -271,6 +161,9 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(name)s: %(message)s",
     )
     out_dir = Path(cfg.train.output_dir)
+    task = build_task(cfg)
+    for split in ("train", *cfg.train.eval_splits):  # before anything is built or trained
+        task.check(ShardSet.load(cfg.data.split_dir(split)))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -296,6 +189,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optim, optimizer_offloaded(accelerator))
     model, optimizer = accelerator.prepare(model, optimizer)
     move = Mover(accelerator)
+    ctx = EvalContext(cfg, model, accelerator, move, tokenizer, out_dir)
 
     step, batches_consumed = 0, 0
     resume_from = ckpt.resolve_resume(resume, cfg.train.output_dir)
@@ -336,7 +230,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         batches_consumed += tc.grad_accum
         for batch in micro:  # cumulative per loader worker
             skipped_by_worker[batch["worker"]] = batch["skipped"]
-        losses = train_step(model, micro, optimizer, accelerator, tc.grad_clip)
+        losses = train_step(task, model, micro, optimizer, accelerator, tc.grad_clip)
         step += 1
         pbar.update(1)
         for key, value in losses.items():
@@ -357,7 +251,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             pbar.set_postfix(loss=f"{means['loss']:.4f}")
             window, window_steps, window_start = defaultdict(float), 0, time.perf_counter()
         if tc.eval_every and step % tc.eval_every == 0 and (step < tc.max_steps or stopper):
-            result = evaluate(cfg, model, accelerator, move, tokenizer, "val", plots=False)
+            result = task.evaluate(ctx, "val", cfg.data.val, plots=False)
             logger.log(step, _flat("val", result))
             if stopper is not None:
                 if stopper.update(step, result):
@@ -385,7 +279,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     ckpt.export_weights(accelerator, model, tc.output_dir)
     results: dict[str, Any] = {}
     for split in tc.eval_splits:
-        results[split] = evaluate(cfg, model, accelerator, move, tokenizer, split, plots=True)
+        results[split] = task.evaluate(ctx, split, cfg.data.split_dir(split), plots=True)
         logger.log(step, _flat(split, results[split]))
     logger.close()
     if stopper is not None:

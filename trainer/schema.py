@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import re
 import types
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -49,6 +50,11 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (list, tuple):
         return f"a list of {_type_name(get_args(tp)[0])}" if get_args(tp) else "a list"
+    if origin is dict:
+        args = get_args(tp)
+        return (
+            f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
+        )
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -76,6 +82,14 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}")
+        key_tp, value_tp = get_args(tp) or (Any, Any)
+        return {
+            _coerce(k, key_tp, f"{path}"): _coerce(v, value_tp, f"{path}.{k}")
+            for k, v in value.items()
+        }
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}")
@@ -167,7 +181,10 @@ def set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def load_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset as a dict. A top-level `base: other.yaml` (relative to this file) is loaded
+    first and this file's values are merged over it, so presets of one family state their
+    shared values once."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = _yaml(fh)
@@ -179,4 +196,12 @@ def load_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base={base!r}: expected a file name")
+    base_path = str(Path(path).parent / base)
+    if base_path in _seen:
+        raise ConfigError(f"config file {path}: base files form a cycle: {[*_seen, base_path]}")
+    return merge(load_yaml(base_path, (*_seen, str(path))), data)

@@ -1,0 +1,311 @@
+"""What a run trains and how it is scored: one object per `model.task` (open_clip's task wrapper).
+
+The loop, the evaluate-only command and the report ask the task; none of them branches on the
+task itself:
+
+    task.check(shards)                 at start: the shards' format fits the task (a message if not)
+    task.losses(model, batch)          one micro-batch: the weighted `*_loss` terms, and extras
+                                       to log (the learned temperature)
+    task.evaluate(ctx, name, folder)   a split's scores (and, with plots, the files a person reads)
+    task.summary(name, result)         the lines the end-of-run report prints
+
+    task        trains                    on shards          scored by
+    pretrain    itc / mae / mlm           AD, chest X-ray    mean losses (+ retrieval, zero-shot)
+    classify    cls                       AD                 ACC, macro-AUC, P / R / F1, per cohort
+    joint       itc + mae + mlm + cls     AD                 classify's scores + the mean losses
+    multilabel  14-label BCE              chest X-ray        per-label AUROC, mAUC with CIs
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from accelerate import Accelerator
+
+from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
+from shards.reader import AD_FORMAT, CXR_FORMAT, LABEL_NAMES, ShardSet, build_eval_loader
+from trainer.config import Config
+from trainer.cxr_metrics import format_table
+from trainer.embed_eval import SplitEmbeddings, retrieval_metrics, zero_shot_metrics
+from trainer.evaluate import predict, reduce_mean, score, score_multilabel
+from trainer.plots import plot_confusion, plot_label_auroc, plot_roc
+
+
+@dataclass
+class EvalContext:
+    """What scoring a split needs: the prepared model, where batches go, where files go."""
+
+    cfg: Config
+    model: torch.nn.Module  # as the accelerator prepared it
+    accelerator: Accelerator
+    move: Any  # batch -> batch on the device (trainer.loop.Mover)
+    tokenizer: Any
+    out_dir: Path
+
+    def loader(self, folder: str):
+        return build_eval_loader(
+            folder,
+            self.cfg.data,
+            self.tokenizer,
+            self.cfg.model.text_max_length,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+        )
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _loss_terms(out: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in out.items() if k.endswith("_loss")}
+
+
+def _loss_line(name: str, result: dict[str, Any]) -> str:
+    return f"{name}: " + "  ".join(
+        f"{k} {v:.4f}" for k, v in sorted(result.items()) if k.endswith("_loss")
+    )
+
+
+class Task:
+    """The interface (see the module docstring); subclasses fill in what differs."""
+
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]  # shard formats the task reads
+    batch_keys: ClassVar[tuple[str, ...]]  # what each batch must hold for the model
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def check(self, shards: ShardSet) -> None:
+        """Raises ValueError when the split's shards cannot feed this task."""
+        if shards.format not in self.formats:
+            raise ValueError(
+                f"{shards.folder}: model.task={self.name} reads {' or '.join(self.formats)} "
+                f"shards; this split is {shards.format}"
+            )
+
+    def losses(
+        self, model: torch.nn.Module, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The weighted `*_loss` terms of one micro-batch (summed by the loop) and extras."""
+        out = model(batch)
+        extras = {"logit_scale": float(out["logit_scale"])} if "logit_scale" in out else {}
+        return _loss_terms(out), extras
+
+    def evaluate(self, ctx: EvalContext, name: str, folder: str, plots: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def summary(self, name: str, result: dict[str, Any]) -> list[str]:
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def eval_losses(
+    ctx: EvalContext, loader, embeddings: SplitEmbeddings | None = None
+) -> dict[str, float]:
+    """Mean losses on a split; the eval's random masks do not touch the training RNG. With
+    `embeddings`, each batch's unmasked image / text states are collected in the same pass."""
+    model = ctx.model
+    model.eval()
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.cfg.train.seed)
+        for batch in loader:
+            batch = ctx.move(batch)
+            for key, value in _loss_terms(model(batch)).items():
+                sums[key] += float(value)
+            if embeddings is not None:
+                embeddings.add(model, batch)
+            count += 1
+    model.train()
+    return reduce_mean(ctx.accelerator, {k: v / max(count, 1) for k, v in sums.items()})
+
+
+class PretrainTask(Task):
+    """Alignment and reconstruction (ITC, MAE, MLM): scored by its mean losses, and with
+    train.retrieval / train.zero_shot by image <-> text retrieval and zero-shot labels."""
+
+    name = "pretrain"
+    formats = (AD_FORMAT, CXR_FORMAT)
+    batch_keys = ("image",)  # + input_ids, attention_mask with a text tower
+
+    def evaluate(self, ctx: EvalContext, name: str, folder: str, plots: bool) -> dict[str, Any]:
+        cfg = ctx.cfg
+        collect = SplitEmbeddings() if cfg.train.retrieval or cfg.train.zero_shot else None
+        result: dict[str, Any] = eval_losses(ctx, ctx.loader(folder), collect)
+        if collect is None:
+            return result
+        emb = collect.gather(ctx.accelerator)
+        bare = ctx.accelerator.unwrap_model(ctx.model)
+        if cfg.train.retrieval:
+            result.update(retrieval_metrics(bare, emb, ctx.accelerator.device, (1, 5, 10)))
+        if cfg.train.zero_shot:
+            zs, probs = zero_shot_metrics(
+                bare,
+                ctx.model,
+                emb,
+                ctx.tokenizer,
+                cfg.model.text_max_length,
+                ctx.move,
+                list(CXR_LABEL_NAMES),
+                cfg.train.bootstrap if plots else 0,
+            )
+            result["zero_shot_mauc"] = zs["mauc"]
+            result["zero_shot"] = zs
+            if plots and ctx.main:
+                with open(ctx.out_dir / f"zero_shot_{name}.jsonl", "w", encoding="utf-8") as fh:
+                    for key, row in zip(emb["key"], probs.tolist(), strict=True):
+                        fh.write(json.dumps({"key": key, "probs": row}) + "\n")
+        return result
+
+    def summary(self, name: str, result: dict[str, Any]) -> list[str]:
+        lines = [_loss_line(name, result)]
+        recall = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+        if all(k in result for k in recall):
+            lines.append(
+                f"{name} retrieval: "
+                + "  ".join(f"{k} {result[k]:.4f}" for k in recall)
+                + f"  (n={result['retrieval_n']})"
+            )
+        if "zero_shot" in result:
+            zs = result["zero_shot"]
+            ci = zs.get("mauc_ci")
+            interval = "" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+            mauc = "n/a" if zs["mauc"] is None else f"{zs['mauc']:.4f}"
+            lines.append(f"{name} zero-shot: mAUC {mauc}{interval}")
+        return lines
+
+
+class ClassifyTask(Task):
+    """NC / MCI / AD (or binary) classification of AD shards: ACC, macro-AUC, macro P / R / F1,
+    overall and per cohort. A three-class model scores the samples of binary cohorts (OASIS-2,
+    MIRIAD: NC vs impaired) as binary, from P(MCI) + P(AD)."""
+
+    name = "classify"
+    formats = (AD_FORMAT,)
+    batch_keys = ("image", "label")
+
+    def check(self, shards: ShardSet) -> None:
+        super().check(shards)
+        mode, classes = self.cfg.data.label_mode, self.cfg.model.num_classes
+        if classes != len(LABEL_NAMES[mode]):
+            raise ValueError(
+                f"model.num_classes={classes}: data.label_mode={mode} has "
+                f"{len(LABEL_NAMES[mode])} classes ({', '.join(LABEL_NAMES[mode])})"
+            )
+
+    @property
+    def collapse_binary(self) -> bool:
+        return self.cfg.data.label_mode == "three_class"
+
+    def evaluate(self, ctx: EvalContext, name: str, folder: str, plots: bool) -> dict[str, Any]:
+        pred = predict(
+            ctx.model,
+            ctx.loader(folder),
+            ctx.accelerator,
+            ctx.move,
+            ("label", "binary"),
+            ("cohort", "key", "subject"),
+            seed=ctx.cfg.train.seed,
+        )
+        result = score(pred, self.cfg.model.num_classes, self.collapse_binary)
+        result.update(pred["losses"])
+        if plots and ctx.main:
+            self._write(ctx.out_dir, name, pred, result)
+        return result
+
+    def _write(self, out: Path, name: str, pred: dict[str, Any], result: dict[str, Any]) -> None:
+        names = LABEL_NAMES[self.cfg.data.label_mode]
+        plot_roc(pred["logits"], pred["label"], names, out / f"roc_{name}.png", f"ROC ({name})")
+        if result.get("scoring") == "three_class":
+            plot_confusion(
+                result["confusion"], names, out / f"confusion_{name}.png", f"Confusion ({name})"
+            )
+        with open(out / f"predictions_{name}.jsonl", "w", encoding="utf-8") as fh:
+            for i, key in enumerate(pred["key"]):
+                row = {
+                    "key": key,
+                    "subject": pred["subject"][i],
+                    "cohort": pred["cohort"][i],
+                    "label": int(pred["label"][i]),
+                    "binary": bool(pred["binary"][i]),
+                    "logits": pred["logits"][i].tolist(),
+                }
+                fh.write(json.dumps(row) + "\n")
+
+    def summary(self, name: str, result: dict[str, Any]) -> list[str]:
+        def auc(r: dict[str, Any]) -> str:
+            return "n/a" if r["auc"] is None else f"{r['auc']:.4f}"
+
+        binary = " (binary: NC vs MCI+AD)" if result.get("scoring") == "binary_collapse" else ""
+        lines = [
+            f"{name}: ACC {result['acc']:.4f}  macro-AUC {auc(result)}  "
+            f"P {result['precision']:.4f}  R {result['recall']:.4f}  F1 {result['f1']:.4f}  "
+            f"(n={result['n']}){binary}"
+        ]
+        for cohort, r in result.get("per_cohort", {}).items():
+            tag = "  binary" if r.get("scoring") == "binary_collapse" else ""
+            lines.append(
+                f"  {cohort:<8} ACC {r['acc']:.4f}  AUC {auc(r)}  F1 {r['f1']:.4f}  "
+                f"(n={r['n']}){tag}"
+            )
+        if any(k.endswith("_loss") for k in result):
+            lines.append("  " + _loss_line(f"{name} losses", result))
+        return lines
+
+
+class JointTask(ClassifyTask):
+    """The Alifuse paper's joint objective (eq. 5): ITC, MAE, MLM and the classifier trained
+    together; scored like classify, with the split's mean loss terms beside."""
+
+    name = "joint"
+
+
+class MultilabelTask(Task):
+    """The 14 CheXpert labels of chest X-ray shards: per-label AUROC and mAUC with bootstrap
+    intervals (images of one study resampled together)."""
+
+    name = "multilabel"
+    formats = (CXR_FORMAT,)
+    batch_keys = ("image", "labels", "label_mask")
+
+    def evaluate(self, ctx: EvalContext, name: str, folder: str, plots: bool) -> dict[str, Any]:
+        pred = predict(
+            ctx.model,
+            ctx.loader(folder),
+            ctx.accelerator,
+            ctx.move,
+            ("labels", "label_mask"),
+            ("group", "key"),
+        )
+        names = list(CXR_LABEL_NAMES)  # the reader checks the manifest against these
+        result = score_multilabel(pred, names, ctx.cfg.train.bootstrap if plots else 0)
+        if plots and ctx.main:
+            plot_label_auroc(result, ctx.out_dir / f"auroc_{name}.png", f"Per-label AUROC ({name})")
+        return result
+
+    def summary(self, name: str, result: dict[str, Any]) -> list[str]:
+        ci = result.get("mauc_ci")
+        interval = "" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+        mauc = "n/a" if result["mauc"] is None else f"{result['mauc']:.4f}"
+        return [
+            f"{name}: mAUC {mauc}{interval}  mean ACC {result['mean_acc']:.4f}",
+            format_table(result),
+        ]
+
+
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (PretrainTask, ClassifyTask, JointTask, MultilabelTask)
+}
+
+
+def build_task(cfg: Config) -> Task:
+    """The task object for `cfg.model.task`."""
+    return TASKS[cfg.model.task](cfg)
