@@ -495,7 +495,7 @@ class AlifuseModel(nn.Module):
         image = batch.get("image") if self.visual is not None else None
         ids, mask = batch.get("input_ids"), batch.get("attention_mask")
         has_text = self.text is not None
-        from_full = cfg.unimodal_image == "full" or self.use_cls
+        from_full = cfg.unimodal_image == "full"  # where ITC's z_I comes from
 
         # Unimodal passes over the whole inputs: z_T (ITC, classification, the MAE context)
         # and z_I (ITC and the MLM context unless taken from the masked pass, classification).
@@ -506,12 +506,13 @@ class AlifuseModel(nn.Module):
                 text_tokens = self.text.run_layers(text_trunk, mask, self.text_split)
             else:
                 text_tokens = self.text.forward_features(ids, mask)  # (B, L, Dt)
-        full_trunk = full_tokens = None
+        full_trunk = full_tokens = image_tokens = None
         needs_image_context = self.use_itc or (self.use_mlm and len(self.text_cross))
         if image is not None and (self.use_cls or (needs_image_context and from_full)):
             full_trunk, _ = self.image_trunk(image)
             full_tokens = self.image_unimodal(full_trunk)  # (B, 1 + N, Di)
-        image_tokens = full_tokens
+            if from_full:
+                image_tokens = full_tokens
 
         # The masked image: grounded in z_T, reconstructed (and z_I for the shortcut).
         if image is not None and (self.use_mae or (needs_image_context and not from_full)):

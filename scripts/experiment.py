@@ -1,0 +1,118 @@
+"""Run a paper's table: every row as a real training run, scored with 95 % intervals.
+
+    python scripts/experiment.py alifuse-table2 --quick          # every row, tiny, minutes
+    python scripts/experiment.py alifuse-table3                  # synthetic cohort, CPU size
+    python scripts/experiment.py alifuse-table2 --size paper \\
+        --shards data/ad_shards --text-checkpoint /models/bert-base-uncased \\
+        --launcher "accelerate launch --num_processes 8 --use_deepspeed --zero_stage 2"
+
+Writes OUT/results.md (the paper's layout), OUT/results.json, OUT/results.png and every run's
+folder under OUT/runs/. OUT defaults to runs/experiments/<name>-<size>. Rows already run with
+the same command are read back (--rerun trains them again). With --shards, the folder must
+hold train/, val/, test/ and the held-out cohorts (make_ad_shards.py --holdout AIBL OASIS-2
+MIRIAD); without it a synthetic cohort is written once per size under runs/experiments/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if importlib.util.find_spec("trainer") is None:  # running from a checkout without pip install -e
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.alifuse_tables import EXPERIMENTS, SIZES, prepare_data, shared_overrides  # noqa: E402
+from trainer.experiment import finite_table, run_experiment  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--quick", action="store_true", help="the same as --size quick")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--shards", type=Path, help="your shard folder (train/ val/ test/ ...)")
+    parser.add_argument("--text-checkpoint", type=Path, help="your local BERT folder")
+    parser.add_argument("--medicalnet", default="", help="a local MedicalNet resnet_50.pth")
+    parser.add_argument(
+        "--launcher", default="", help='run each row under this, e.g. "accelerate launch ..."'
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--rerun", action="store_true", help="train rows already run again")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every row (after the size's)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size = "quick"
+    if args.size == "paper" and not (args.shards and args.text_checkpoint):
+        parser.error(
+            "--size paper needs --shards and --text-checkpoint (no synthetic data at 128^3)"
+        )
+    if args.bootstrap < 1:
+        parser.error("--bootstrap: expected >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    size = SIZES[args.size]
+    exp = (
+        EXPERIMENTS[args.experiment](args.medicalnet)
+        if args.experiment.endswith("table2")
+        else EXPERIMENTS[args.experiment]()
+    )
+    out = args.out or Path("runs/experiments") / f"{args.experiment}-{args.size}"
+    started = time.perf_counter()
+    if args.shards is not None:
+        shards, bert = args.shards, args.text_checkpoint
+        if bert is None:
+            print("experiment: error: --shards needs --text-checkpoint too", file=sys.stderr)
+            return 2
+    else:
+        shards, bert = prepare_data(size, out.parent / f"data-{args.size}", args.seed)
+        if args.text_checkpoint is not None:
+            bert = args.text_checkpoint
+    shared = [*shared_overrides(size, shards, bert, args.seed), *args.set]
+    try:
+        results = run_experiment(
+            exp,
+            out,
+            shared,
+            launcher=shlex.split(args.launcher),
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            rerun=args.rerun,
+            size=args.size,
+        )
+    except RuntimeError as err:
+        print(f"experiment: error: {err}", file=sys.stderr)
+        return 1
+    print((out / "results.md").read_text())
+    print(
+        f"wrote {out / 'results.md'}, results.json, results.png "
+        f"in {(time.perf_counter() - started) / 60:.1f} min"
+    )
+    if not finite_table(results, exp):
+        print("experiment: some rows have no finite ACC / AUC (see results.md)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

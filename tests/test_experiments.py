@@ -1,0 +1,182 @@
+"""The paper preset as a user runs it, evaluate-only on a finished run, and every row of the
+Alifuse tables in the quick size."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cmd, train_cmd
+
+from trainer.alifuse_tables import EXPERIMENTS
+from trainer.experiment import finite_table
+
+# Widths only: every other value is the paper preset's (configs/ad_alifuse_joint.yaml).
+TINY_WIDTHS = [
+    "model.vision.img_size=16",
+    "model.vision.patch_size=4",
+    "model.vision.embed_dim=32",
+    "model.vision.depth=2",
+    "model.vision.num_heads=2",
+    "model.vision.decoder_embed_dim=32",
+    "model.vision.decoder_depth=1",
+    "model.vision.decoder_num_heads=2",
+    "model.text_decoder.depth=1",
+    "model.text_decoder.width=32",
+    "model.text_decoder.num_heads=2",
+    "model.fusion_hidden=32",
+    "model.embed_dim=16",
+]
+
+
+@pytest.fixture(scope="module")
+def paper_run(ad_shards, tiny_bert, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("paper_run")
+    run_cmd(
+        train_cmd(
+            "--config",
+            str(REPO / "configs" / "ad_alifuse_joint.yaml"),
+            *TINY_WIDTHS,
+            f"data.train={ad_shards / 'train'}",
+            f"data.val={ad_shards / 'val'}",
+            f"data.test={ad_shards / 'test'}",
+            "data.batch_size=4",
+            "data.eval_batch_size=8",
+            f"model.text.checkpoint={tiny_bert}",
+            "train.max_steps=3",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "train.progress=false",
+            "train.eval_splits=[test]",
+            f"train.output_dir={out}",
+        )
+    )
+    return out
+
+
+def test_the_paper_preset_builds_at_tiny_widths_and_trains(paper_run) -> None:
+    cfg = yaml.safe_load((paper_run / "config.yaml").read_text())
+    model = cfg["model"]
+    assert model["task"] == "joint" and model["cross_attention"] == "between"
+    assert model["cross_layers_image"] == model["cross_layers_text"] == "all"
+    assert model["unimodal_image"] == "full" and model["shared_mask_ratio"] is True
+    assert model["vision"]["pos_embed"] == "learnable" and model["vision"]["mask_ratio"] == 0.5
+    assert model["text_decoder"]["kind"] == "transformer"
+    assert model["fusion_activation"] == "relu" and model["fusion_features"] == "unimodal"
+    assert cfg["data"]["clinical"] == {"drop": ["imaging_measures", "other"], "summary_words": 40}
+    steps = [json.loads(line) for line in (paper_run / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in steps if "train/loss" in r]
+    assert len(trained) == 3
+    for key in ("itc_loss", "mae_loss", "mlm_loss", "cls_loss"):
+        assert all(r[f"train/{key}"] > 0 for r in trained), key
+    test = json.loads((paper_run / "results.json").read_text())["test"]
+    assert 0 <= test["acc"] <= 1 and test["n"] > 0
+    assert {"itc_loss", "mae_loss", "mlm_loss", "cls_loss"} <= set(test)
+
+
+def test_evaluate_reproduces_the_runs_own_test_numbers(paper_run, ad_shards, tmp_path) -> None:
+    own = json.loads((paper_run / "results.json").read_text())["test"]
+    out = tmp_path / "eval"
+    proc = run_cmd(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "evaluate.py"),
+            str(paper_run),
+            "--split",
+            str(ad_shards / "test"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert "test: ACC" in proc.stdout
+    again = json.loads((out / "results.json").read_text())["test"]
+    assert set(again) == set(own)
+    for key, value in own.items():
+        if isinstance(value, float):
+            assert again[key] == pytest.approx(value, abs=1e-6), key
+    assert again["per_cohort"].keys() == own["per_cohort"].keys()
+    for cohort, result in own["per_cohort"].items():
+        assert again["per_cohort"][cohort]["acc"] == pytest.approx(result["acc"], abs=1e-6)
+        assert again["per_cohort"][cohort]["confusion"] == result["confusion"]
+    mine = (out / "predictions_test.jsonl").read_text()
+    assert mine == (paper_run / "predictions_test.jsonl").read_text()
+    assert (out / "roc_test.png").is_file()
+
+
+def test_evaluate_refuses_what_it_cannot_score(paper_run, tmp_path) -> None:
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(tmp_path), "--split", "x"]
+    with pytest.raises(AssertionError, match="not a run folder"):
+        run_cmd(cmd)
+
+
+@pytest.fixture(scope="module")
+def quick_tables(tmp_path_factory) -> dict[str, Path]:
+    """Both tables at the quick size, sharing one synthetic dataset (written once)."""
+    root = tmp_path_factory.mktemp("experiments")
+    outs = {}
+    for name in ("alifuse-table2", "alifuse-table3"):
+        outs[name] = root / name
+        run_cmd(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "experiment.py"),
+                name,
+                "--quick",
+                "--bootstrap",
+                "100",
+                "--out",
+                str(outs[name]),
+            ],
+            timeout=1200,
+        )
+    return outs
+
+
+@pytest.mark.parametrize("name", ["alifuse-table2", "alifuse-table3"])
+def test_quick_experiment_fills_every_row(quick_tables, name) -> None:
+    out = quick_tables[name]
+    exp = EXPERIMENTS[name]()
+    results = json.loads((out / "results.json").read_text())
+    assert finite_table(results, exp)
+    table = (out / "results.md").read_text()
+    for row in exp.rows:
+        assert f"| {row.label} |" in table, row.label
+        if row.skip:
+            assert f"- {row.label}: " in table
+            continue
+        for col in exp.columns:
+            entry = results["scores"][row.key][col.name]
+            assert entry["acc_ci"] is not None and entry["auc_ci"] is not None
+            assert entry["acc_ci"][0] <= entry["acc"] <= entry["acc_ci"][1]
+            if row.key != exp.reference:
+                assert 0 <= entry["acc_p"] <= 1 and 0 <= entry["auc_p"] <= 1
+    assert (out / "results.png").stat().st_size > 10_000
+    for row in exp.rows:
+        if not row.skip:
+            assert (out / "runs" / row.key / "config.yaml").is_file()
+    if name == "alifuse-table2":  # zero-shot columns, binary cohorts scored as binary
+        scores = results["scores"]["alifuse"]
+        assert scores["OASIS-2"]["scoring"] == scores["MIRIAD"]["scoring"] == "binary"
+        assert scores["AIBL"]["scoring"] == "three_class"
+        assert "AIBL †" in table
+
+
+def test_a_finished_row_is_read_back_not_trained_again(quick_tables) -> None:
+    out = quick_tables["alifuse-table3"]
+    proc = run_cmd(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "experiment.py"),
+            "alifuse-table3",
+            "--quick",
+            "--bootstrap",
+            "100",
+            "--out",
+            str(out),
+        ]
+    )
+    assert proc.stdout.count("(reused)") == len(EXPERIMENTS["alifuse-table3"]().rows)

@@ -1,0 +1,473 @@
+"""Experiments: a paper's table as a recipe of real training runs, scored with intervals.
+
+An `Experiment` is a list of rows (each one training run of `train.py`, or two when a row is
+pretrained first) and a list of columns (a split, or one cohort of it). `run_experiment`
+trains every row with the same seed, reads each run's `predictions_<split>.jsonl`, and writes
+
+    OUT/runs/<row>/        each run's folder (config, logs, predictions, weights)
+    OUT/results.json       every number below, with the commands that produced them
+    OUT/results.md         the table in the paper's layout (cells: value [95 % interval])
+    OUT/results.png        a bar chart with the intervals
+
+Statistics (per column, over the samples the column holds):
+
+- ACC and AUC: three-class columns take the arg-max class and the macro one-vs-rest AUC over
+  the classes present; binary cohorts (NC vs impaired) take P(MCI) + P(AD) > 0.5 and its AUC
+  (trainer/evaluate.py scores the runs the same way);
+- 95 % intervals: percentile bootstrap over subjects (a subject's visits are drawn together,
+  so repeated scans of one person do not pass for independent evidence);
+- p-values: paired bootstrap against the reference row (the full model): the same subject
+  draws score both rows; p = 2 min(P(d <= 0), P(d >= 0)) for the difference d = reference -
+  row, capped at 1 (two-sided). With B resamples the smallest p it can show is 1 / B.
+
+A row already run with the same command is read back, not trained again (`rerun` forces it),
+so an interrupted experiment continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from trainer.cxr_metrics import weighted_auroc  # noqa: E402
+
+log = logging.getLogger("medalign.experiment")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Row:
+    """One line of a table: a training run of `config` with `overrides` (after the size's)."""
+
+    key: str  # run folder name, unique in the experiment
+    label: str  # as printed in the table
+    group: str  # the table's row group ("Image-only", "(a) Loss components", ...)
+    overrides: list[str] = field(default_factory=list)
+    # Two-stage rows: the overrides of a pretraining run whose weights start this row's run.
+    pretrain: list[str] | None = None
+    skip: str = ""  # why the row is not run (left in the table with the reason)
+
+
+@dataclass
+class Column:
+    """A group of test samples: a split, or one cohort of it."""
+
+    name: str  # as printed ("ADNI-test", "AIBL")
+    split: str  # the split name the runs evaluate (test, AIBL, ...)
+    cohort: str = ""  # keep only this cohort's samples ("": all of the split)
+    zero_shot: bool = False  # a cohort never seen in training (marked in the table)
+
+
+@dataclass
+class Experiment:
+    """A named recipe: rows x columns, scored against `reference`, laid out by `layout`."""
+
+    name: str
+    title: str
+    config: str  # the preset every row starts from (repo-relative)
+    rows: list[Row]
+    columns: list[Column]
+    reference: str  # the row the p-values compare against (the full model)
+    layout: str  # "grid" (rows x columns, ACC and AUC each) or "ablation" (deltas too)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+
+def train_command(
+    python: str, launcher: Sequence[str], config: str, overrides: Sequence[str]
+) -> list[str]:
+    """The command that trains one run: `train.py` directly, or under `launcher` (e.g.
+    `accelerate launch --num_processes 8`)."""
+    entry = [str(REPO / "train.py"), "--config", str(REPO / config), *overrides]
+    return [*launcher, *entry] if launcher else [python, *entry]
+
+
+def _run(cmd: list[str], folder: Path) -> float:
+    """Runs one training command with its output in folder/train.log; returns its seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(folder / "train.log", "w", encoding="utf-8") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise RuntimeError(f"run {folder} failed ({proc.returncode}); the end of its log:\n{tail}")
+    return time.perf_counter() - started
+
+
+def run_row(
+    row: Row,
+    exp: Experiment,
+    out: Path,
+    shared: Sequence[str],
+    launcher: Sequence[str],
+    rerun: bool,
+    python: str = sys.executable,
+) -> dict[str, Any]:
+    """Trains a row (its pretraining run first, if any) unless the same commands already
+    finished in its folder; returns {"commands", "seconds", "reused"}."""
+    folder = out / "runs" / row.key
+    commands = []
+    if row.pretrain is not None:
+        pre = folder / "pretrain"
+        commands.append(
+            train_command(
+                python,
+                launcher,
+                exp.config,
+                [*shared, *row.pretrain, f"train.output_dir={pre}", "train.eval_splits=[val]"],
+            )
+        )
+        shared = [*shared, f"train.init_from={pre}"]
+    commands.append(
+        train_command(
+            python, launcher, exp.config, [*shared, *row.overrides, f"train.output_dir={folder}"]
+        )
+    )
+    record = folder / "experiment_row.json"
+    done = (folder / "results.json").is_file() and record.is_file()
+    if done and not rerun and json.loads(record.read_text())["commands"] == commands:
+        log.info("row %s: reusing %s (same commands)", row.key, folder)
+        return {**json.loads(record.read_text()), "reused": True}
+    seconds = 0.0
+    for i, cmd in enumerate(commands):
+        target = folder / "pretrain" if i < len(commands) - 1 else folder
+        log.info("row %s: %s", row.key, shlex.join(cmd))
+        seconds += _run(cmd, target)
+    info = {"commands": commands, "seconds": round(seconds, 1)}
+    record.write_text(json.dumps(info, indent=2))
+    return {**info, "reused": False}
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictions:
+    """One column's samples as one run predicted them, in key order."""
+
+    keys: list[str]
+    subjects: list[str]
+    logits: torch.Tensor  # (N, C)
+    labels: torch.Tensor  # (N,)
+    binary: bool  # every sample is of a binary cohort: scored NC vs impaired
+
+
+def read_predictions(run_dir: Path, column: Column) -> Predictions | None:
+    """The column's samples from run_dir/predictions_<split>.jsonl (None if the run has none)."""
+    path = run_dir / f"predictions_{column.split}.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if not column.cohort or r["cohort"] == column.cohort]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: r["key"])
+    return Predictions(
+        keys=[r["key"] for r in rows],
+        subjects=[f"{r['cohort']}/{r['subject']}" for r in rows],
+        logits=torch.tensor([r["logits"] for r in rows], dtype=torch.float64),
+        labels=torch.tensor([r["label"] for r in rows]),
+        binary=all(r.get("binary", False) for r in rows) and len(rows[0]["logits"]) == 3,
+    )
+
+
+def subject_weights(subjects: Sequence[str], n_boot: int, seed: int) -> torch.Tensor:
+    """(1 + n_boot, N) sample weights: the first row all ones (the point estimate), then one
+    row per bootstrap resample of the subjects (a subject drawn k times weighs k)."""
+    index: dict[str, int] = {}
+    unit = torch.tensor([index.setdefault(s, len(index)) for s in subjects])
+    n_units = len(index)
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n_units, (n_boot, n_units), generator=gen)
+    counts = torch.zeros(n_boot, n_units, dtype=torch.float64)
+    counts.scatter_add_(1, draws, torch.ones(n_boot, n_units, dtype=torch.float64))
+    return torch.cat([torch.ones(1, len(subjects), dtype=torch.float64), counts[:, unit]])
+
+
+def weighted_scores(pred: Predictions, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ACC and AUC of the predictions under each weighting: {"acc": (W,), "auc": (W,)}; NaN
+    where a resample leaves a class with no sample."""
+    probs = pred.logits.softmax(dim=-1)
+    if pred.binary:
+        score = probs[:, 1:].sum(dim=-1)  # P(MCI) + P(AD)
+        target = pred.labels > 0
+        correct = (score > 0.5) == target
+        auc = weighted_auroc(score, target, weights)
+    else:
+        correct = probs.argmax(dim=-1) == pred.labels
+        present = [c for c in range(probs.shape[1]) if bool((pred.labels == c).any())]
+        per_class = [weighted_auroc(probs[:, c], pred.labels == c, weights) for c in present]
+        auc = (
+            torch.stack(per_class).mean(0)
+            if len(present) > 1
+            else torch.full_like(weights[:, 0], math.nan)
+        )
+    acc = (weights * correct).sum(1) / weights.sum(1)
+    return {"acc": acc, "auc": auc}
+
+
+def _interval(values: torch.Tensor) -> list[float] | None:
+    values = values[~values.isnan()]
+    if values.numel() < 2:
+        return None
+    q = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=values.dtype))
+    return [float(q[0]), float(q[1])]
+
+
+def paired_p(reference: torch.Tensor, other: torch.Tensor) -> float | None:
+    """Two-sided paired bootstrap p-value of reference - other (same resamples)."""
+    d = reference - other
+    d = d[~d.isnan()]
+    if d.numel() == 0:
+        return None
+    p = 2 * min(float((d <= 0).double().mean()), float((d >= 0).double().mean()))
+    return min(1.0, p)
+
+
+def score_column(
+    preds: dict[str, Predictions], reference: str, n_boot: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Point estimates, intervals and p-values of every row's predictions on one column."""
+    keys = next(iter(preds.values())).keys
+    for row, pred in preds.items():
+        if pred.keys != keys:
+            raise ValueError(
+                f"row {row} predicted other samples than the others ({len(pred.keys)} vs "
+                f"{len(keys)}); every row must score the same split"
+            )
+    first = next(iter(preds.values()))
+    weights = subject_weights(first.subjects, n_boot, seed)
+    scores = {row: weighted_scores(pred, weights) for row, pred in preds.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for row, s in scores.items():
+        entry: dict[str, Any] = {"n": len(keys), "subjects": len(set(first.subjects))}
+        entry["scoring"] = "binary" if first.binary else "three_class"
+        for metric, values in s.items():
+            point = float(values[0])
+            entry[metric] = None if math.isnan(point) else point
+            entry[f"{metric}_ci"] = _interval(values[1:]) if n_boot else None
+            if row != reference and reference in scores and n_boot:
+                entry[f"{metric}_p"] = paired_p(scores[reference][metric][1:], values[1:])
+        out[row] = entry
+    return out
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+    if entry is None:
+        return "n/a"
+    ci = entry.get(f"{metric}_ci")
+    interval = "" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+    return f"{_pct(entry.get(metric))}{interval}"
+
+
+def _p(value: float | None, n_boot: int) -> str:
+    if value is None:
+        return "-"
+    return f"<{1 / n_boot:.3g}" if value == 0 else f"{value:.3f}"
+
+
+def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
+    """The table in the paper's layout, then the p-values, the rows not run and the notes."""
+    scores, n_boot = results["scores"], results["n_boot"]
+    cols = exp.columns
+    lines = [f"# {exp.title}", ""]
+    header = ["", "Method"]
+    for col in cols:
+        mark = " †" if col.zero_shot else ""
+        header += [f"{col.name}{mark} ACC", f"{col.name}{mark} AUC"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ref = scores.get(exp.reference, {})
+    for row in exp.rows:
+        cells = [row.group, row.label]
+        for col in cols:
+            entry = scores.get(row.key, {}).get(col.name)
+            for metric in ("acc", "auc"):
+                cell = _cell(entry, metric) if not row.skip else "not run"
+                if exp.layout == "ablation" and entry and row.key != exp.reference:
+                    base = ref.get(col.name, {}).get(metric)
+                    if base is not None and entry.get(metric) is not None:
+                        delta = 100 * (entry[metric] - base)
+                        cell += f" ({delta:+.1f})"
+                cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Values in %, 95 % bootstrap interval by subject in brackets"
+        + (" (change against the full model in parentheses)." if exp.layout == "ablation" else ".")
+        + (
+            " †: zero-shot, a cohort never seen in training."
+            if any(c.zero_shot for c in cols)
+            else ""
+        ),
+        "",
+        f"## Paired bootstrap p-values against {_label(exp, exp.reference)} ({n_boot} resamples)",
+        "",
+    ]
+    header = ["Method"] + [f"{c.name} {m}" for c in cols for m in ("ACC", "AUC")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in exp.rows:
+        if row.key == exp.reference or row.skip:
+            continue
+        cells = [row.label]
+        for col in cols:
+            entry = scores.get(row.key, {}).get(col.name) or {}
+            cells += [_p(entry.get(f"{m}_p"), n_boot) for m in ("acc", "auc")]
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = [row for row in exp.rows if row.skip]
+    if skipped:
+        lines += ["", "Not run:"] + [f"- {row.label}: {row.skip}" for row in skipped]
+    lines += ["", "Samples per column:"]
+    ref_scores = scores.get(exp.reference, {})
+    for col in cols:
+        entry = ref_scores.get(col.name)
+        if entry:
+            kind = "NC vs MCI+AD, P(MCI)+P(AD)" if entry["scoring"] == "binary" else "NC / MCI / AD"
+            lines.append(
+                f"- {col.name}: {entry['n']} scans of {entry['subjects']} subjects ({kind})"
+            )
+    if exp.notes:
+        lines += ["", *exp.notes]
+    lines += [
+        "",
+        f"Size: {results['size']}; seed {results['seed']}; wall time "
+        f"{results['seconds'] / 60:.1f} min on {results['machine']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _label(exp: Experiment, key: str) -> str:
+    return next(row.label for row in exp.rows if row.key == key)
+
+
+def plot_results(exp: Experiment, results: dict[str, Any], path: Path) -> Path:
+    """ACC and AUC per column, one bar per row, with the 95 % intervals."""
+    scores = results["scores"]
+    rows = [row for row in exp.rows if not row.skip and row.key in scores]
+    cols = exp.columns
+    fig, axes = plt.subplots(
+        2, 1, figsize=(max(6.0, 1.1 * len(cols) * max(1, len(rows)) / 3 + 2), 7), squeeze=False
+    )
+    width = 0.8 / max(1, len(rows))
+    for ax, metric in zip(axes[:, 0], ("acc", "auc"), strict=True):
+        for i, row in enumerate(rows):
+            xs, ys, lo, hi = [], [], [], []
+            for j, col in enumerate(cols):
+                entry = scores[row.key].get(col.name)
+                if not entry or entry.get(metric) is None:
+                    continue
+                value, ci = entry[metric], entry.get(f"{metric}_ci") or [entry[metric]] * 2
+                xs.append(j - 0.4 + (i + 0.5) * width)
+                ys.append(value)
+                lo.append(value - ci[0])
+                hi.append(ci[1] - value)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=row.label, color=f"C{i % 10}")
+        ax.set_xticks(range(len(cols)), [c.name + (" †" if c.zero_shot else "") for c in cols])
+        ax.set_ylabel(metric.upper())
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_title(exp.title, fontsize=10)
+    axes[0, 0].legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_experiment(
+    exp: Experiment,
+    out: Path,
+    shared: Sequence[str],
+    launcher: Sequence[str] = (),
+    n_boot: int = 1000,
+    seed: int = 0,
+    rerun: bool = False,
+    size: str = "",
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains every row, scores every column, writes results.{json,md,png} under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs: dict[str, Any] = {}
+    for i, row in enumerate(exp.rows, 1):
+        if row.skip:
+            progress(f"[{i}/{len(exp.rows)}] {row.label}: not run ({row.skip})")
+            continue
+        progress(f"[{i}/{len(exp.rows)}] {row.label} ...")
+        runs[row.key] = run_row(row, exp, out, shared, launcher, rerun)
+        how = "reused" if runs[row.key]["reused"] else f"{runs[row.key]['seconds']:.0f} s"
+        progress(f"[{i}/{len(exp.rows)}] {row.label}: done ({how})")
+    scores: dict[str, dict[str, Any]] = {key: {} for key in runs}
+    for col in exp.columns:
+        preds = {}
+        for key in runs:
+            pred = read_predictions(out / "runs" / key, col)
+            if pred is not None:
+                preds[key] = pred
+        if not preds:
+            log.warning("column %s: no run has predictions for split %s", col.name, col.split)
+            continue
+        for key, entry in score_column(preds, exp.reference, n_boot, seed).items():
+            scores[key][col.name] = entry
+    results = {
+        "experiment": exp.name,
+        "title": exp.title,
+        "size": size,
+        "seed": seed,
+        "n_boot": n_boot,
+        "reference": exp.reference,
+        "rows": [asdict(row) for row in exp.rows],
+        "columns": [asdict(col) for col in exp.columns],
+        "runs": runs,
+        "scores": scores,
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": f"{os.cpu_count()} CPU cores"
+        + (", CUDA" if torch.cuda.is_available() else ", no GPU"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(format_markdown(exp, results))
+    plot_results(exp, results, out / "results.png")
+    return results
+
+
+def finite_table(results: dict[str, Any], exp: Experiment) -> bool:
+    """Every run row has a finite ACC and AUC in every column (what --quick must deliver)."""
+    for row in exp.rows:
+        if row.skip:
+            continue
+        for col in exp.columns:
+            entry = results["scores"].get(row.key, {}).get(col.name)
+            if not entry or any(
+                entry.get(m) is None or not np.isfinite(entry[m]) for m in ("acc", "auc")
+            ):
+                return False
+    return True
