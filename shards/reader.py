@@ -25,7 +25,7 @@ the same for both. The batch keys are fixed per format:
     stored in another dtype is read as float32), input_ids (B, L) long, attention_mask (B, L) long,
     label (B,) long (data.label_mode: three_class NC/MCI/AD or binary), binary (B,) bool (the
     sample's cohort is published as NC vs impaired only: OASIS-2, MIRIAD), valid (B,) bool,
-    key / subject / cohort / split (lists of str), worker, skipped
+    key / subject / cohort / split / text (lists of str), worker, skipped
     The text is the stored one, or (data.clinical) rendered again from the stored clinical
     fields without some field groups or with another summary word limit.
 
@@ -34,7 +34,7 @@ the same for both. The batch keys are fixed per format:
     attention_mask (B, L) long, labels (B, 14) float32 targets and label_mask (B, 14) float32
     (the 14 CheXpert labels in shards.chexpert.LABEL_NAMES order, after data.labels: the
     uncertain / blank policy; a loss multiplies its per-label terms by the mask), valid (B,)
-    bool, key / split (lists of str), group (list of str: the study id; images of one study
+    bool, key / split / text (lists of str), group (list of str: the study id; images of one study
     share one report, so retrieval counts any image of the group as a match), worker, skipped
 
 worker and skipped are the worker id and its cumulative count of skipped samples, for logging.
@@ -459,6 +459,7 @@ class _Batcher:
             out["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         out["valid"] = torch.tensor(valid, dtype=torch.bool)
         out["key"] = [s["key"] for s in samples]
+        out["text"] = [s["text"] for s in samples]  # as tokenized (figures, predictions)
         if self.format == CXR_FORMAT:
             out["split"] = [s["split"] for s in samples]
             out["group"] = [s["group"] for s in samples]

@@ -38,6 +38,7 @@ CXR_KEYS = {
     "label_mask",
     "valid",
     "key",
+    "text",
     "split",
     "group",
     "worker",

@@ -223,6 +223,7 @@ def test_manifest_format_and_ad_batch_keys(tmp_path, ad_shards):
         "binary",
         "valid",
         "key",
+        "text",
         "subject",
         "cohort",
         "split",
