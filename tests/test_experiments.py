@@ -9,27 +9,26 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cmd, train_cmd
+from conftest import REPO, TINY_VISION, run_cmd, train_cmd
 
 from trainer.alifuse_tables import EXPERIMENTS
 from trainer.experiment import finite_table
 
 # Widths only: every other value is the paper preset's (configs/ad_alifuse_joint.yaml).
 TINY_WIDTHS = [
-    "model.vision.img_size=16",
-    "model.vision.patch_size=4",
-    "model.vision.embed_dim=32",
-    "model.vision.depth=2",
-    "model.vision.num_heads=2",
-    "model.vision.decoder_embed_dim=32",
-    "model.vision.decoder_depth=1",
-    "model.vision.decoder_num_heads=2",
+    *TINY_VISION,
     "model.text_decoder.depth=1",
     "model.text_decoder.width=32",
     "model.text_decoder.num_heads=2",
     "model.fusion_hidden=32",
     "model.embed_dim=16",
 ]
+
+
+def experiment_cmd(name: str, out: Path) -> list[str]:
+    """scripts/experiment.py at the quick size, 100 bootstrap resamples."""
+    script = str(REPO / "scripts" / "experiment.py")
+    return [sys.executable, script, name, "--quick", "--bootstrap", "100", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +119,7 @@ def quick_tables(tmp_path_factory) -> dict[str, Path]:
     outs = {}
     for name in ("alifuse-table2", "alifuse-table3"):
         outs[name] = root / name
-        run_cmd(
-            [
-                sys.executable,
-                str(REPO / "scripts" / "experiment.py"),
-                name,
-                "--quick",
-                "--bootstrap",
-                "100",
-                "--out",
-                str(outs[name]),
-            ],
-            timeout=1200,
-        )
+        run_cmd(experiment_cmd(name, outs[name]), timeout=1200)
     return outs
 
 
@@ -167,16 +154,30 @@ def test_quick_experiment_fills_every_row(quick_tables, name) -> None:
 
 def test_a_finished_row_is_read_back_not_trained_again(quick_tables) -> None:
     out = quick_tables["alifuse-table3"]
+    proc = run_cmd(experiment_cmd("alifuse-table3", out))
+    assert proc.stdout.count("(reused)") == len(EXPERIMENTS["alifuse-table3"]().rows)
+
+
+def test_figures_of_a_run(paper_run, ad_shards, tmp_path) -> None:
+    out = tmp_path / "figures"
     proc = run_cmd(
         [
             sys.executable,
-            str(REPO / "scripts" / "experiment.py"),
-            "alifuse-table3",
-            "--quick",
-            "--bootstrap",
-            "100",
+            str(REPO / "scripts" / "visualize.py"),
+            str(paper_run),
+            "--split",
+            str(ad_shards / "test"),
             "--out",
             str(out),
+            "--per-class",
+            "1",
         ]
     )
-    assert proc.stdout.count("(reused)") == len(EXPERIMENTS["alifuse-table3"]().rows)
+    record = json.loads((out / "figures.json").read_text())
+    assert "modality gap" in proc.stdout
+    assert len(record["attention_samples"]) == 3  # one per class
+    gaps = record["modality_gap"]
+    assert set(gaps) == {"before alignment", "after alignment"}
+    assert all(0 <= g <= 2 for g in gaps.values())  # distance of two unit-ball centroids
+    for name in ("attention.png", "umap.png"):
+        assert (out / name).stat().st_size > 20_000
