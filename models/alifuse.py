@@ -356,6 +356,12 @@ class AlifuseModel(nn.Module):
             self.attention_pool.apply(init_vit_weights)
         self.clip_loss = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
         self.pair_loss = PairwiseClipLoss(gather_with_grad=cfg.gather_with_grad)
+        if text_tower is not None and not (
+            self.use_itc or self.use_mlm or self.use_cls or len(self.image_cross)
+        ):
+            # A tower no objective reads (MAE alone, ungrounded): frozen, so every trainable
+            # parameter still receives a gradient.
+            text_tower.requires_grad_(False)
         if not (self.use_mlm and not own_decoder) and isinstance(text_tower, TextTower):
             # Without MLM through it the head is unused; freezing it keeps "full" mode free of
             # parameters without gradients. Its decoder weight is tied to the word embeddings:
@@ -497,6 +503,15 @@ class AlifuseModel(nn.Module):
         has_text = self.text is not None
         from_full = cfg.unimodal_image == "full"  # where ITC's z_I comes from
 
+        needs_image_context = self.use_itc or (self.use_mlm and len(self.text_cross))
+        full_trunk = full_tokens = image_tokens = masked = None
+        # The masked image's shared blocks come first: its random mask is a step's first draw
+        # (then the text tower's dropout), whatever else the step computes.
+        if image is not None and (self.use_mae or (needs_image_context and not from_full)):
+            masked = self.image_trunk(image, cfg.vision.mask_ratio)  # (B, 1 + K, Di), masking
+            if not from_full:  # the shortcut: z_I of the visible patches
+                image_tokens = self.image_unimodal(masked[0])
+
         # Unimodal passes over the whole inputs: z_T (ITC, classification, the MAE context)
         # and z_I (ITC and the MLM context unless taken from the masked pass, classification).
         text_trunk = text_tokens = None
@@ -506,31 +521,26 @@ class AlifuseModel(nn.Module):
                 text_tokens = self.text.run_layers(text_trunk, mask, self.text_split)
             else:
                 text_tokens = self.text.forward_features(ids, mask)  # (B, L, Dt)
-        full_trunk = full_tokens = image_tokens = None
-        needs_image_context = self.use_itc or (self.use_mlm and len(self.text_cross))
         if image is not None and (self.use_cls or (needs_image_context and from_full)):
             full_trunk, _ = self.image_trunk(image)
             full_tokens = self.image_unimodal(full_trunk)  # (B, 1 + N, Di)
             if from_full:
                 image_tokens = full_tokens
 
-        # The masked image: grounded in z_T, reconstructed (and z_I for the shortcut).
-        if image is not None and (self.use_mae or (needs_image_context and not from_full)):
-            trunk, emb = self.image_trunk(image, cfg.vision.mask_ratio)  # (B, 1 + K, Di)
-            if not from_full:
-                image_tokens = self.image_unimodal(trunk)
-            if self.use_mae:
-                text_keep = None if mask is None else mask.bool()
-                grounded = (
-                    self.image_grounded(trunk, text_tokens, text_keep)
-                    if len(self.image_cross)
-                    else self.image_unimodal(trunk)
-                )
-                pred = self.decoder(grounded, emb.ids_restore)  # (B, N, P)
-                target = patchify(image, cfg.vision.patch_size)
-                out["mae_loss"] = cfg.mae_weight * mae_loss(
-                    pred, target, emb.mask, cfg.vision.norm_pix_loss
-                )
+        # The masked image grounded in z_T, reconstructed.
+        if self.use_mae:
+            trunk, emb = masked
+            text_keep = None if mask is None else mask.bool()
+            grounded = (
+                self.image_grounded(trunk, text_tokens, text_keep)
+                if len(self.image_cross)
+                else self.image_unimodal(trunk)
+            )
+            pred = self.decoder(grounded, emb.ids_restore)  # (B, N, P)
+            target = patchify(image, cfg.vision.patch_size)
+            out["mae_loss"] = cfg.mae_weight * mae_loss(
+                pred, target, emb.mask, cfg.vision.norm_pix_loss
+            )
 
         if self.use_itc:
             scale = self.scale()

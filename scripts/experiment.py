@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.experiment.endswith("table2")
         else EXPERIMENTS[args.experiment]()
     )
-    out = args.out or Path("runs/experiments") / f"{args.experiment}-{args.size}"
+    # Absolute paths: the runs start in the repository, wherever this command was started.
+    out = (args.out or Path("runs/experiments") / f"{args.experiment}-{args.size}").resolve()
     started = time.perf_counter()
     if args.shards is not None:
         shards, bert = args.shards, args.text_checkpoint
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         shards, bert = prepare_data(size, out.parent / f"data-{args.size}", args.seed)
         if args.text_checkpoint is not None:
             bert = args.text_checkpoint
+    shards, bert = Path(shards).resolve(), Path(bert).resolve()
     shared = [*shared_overrides(size, shards, bert, args.seed), *args.set]
     try:
         results = run_experiment(

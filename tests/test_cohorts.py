@@ -12,8 +12,15 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from shards.clinical import FIELD_GROUPS, GROUP_NAMES, _sentence, field_group, render_text
-from shards.reader import ClinicalTextConfig, DataConfig, EvalStream, ShardSet, _read_tars
-from shards.reader import SkipCounter, decode_sample
+from shards.reader import (
+    ClinicalTextConfig,
+    DataConfig,
+    EvalStream,
+    ShardSet,
+    SkipCounter,
+    _read_tars,
+    decode_sample,
+)
 from shards.synthetic_ad import DEMOGRAPHICS, _make_subject, generate_ad_cohort
 from shards.writer import write_ad_shards
 from trainer.evaluate import binary_metrics, collapse_to_binary, score
@@ -61,9 +68,7 @@ def test_held_out_cohorts_share_no_subject_or_cohort_with_training(held_out) -> 
     for metas in held.values():
         assert not seen & {(m["cohort"], m["subject"]) for m in metas}
     assert report["records_in"] == report["written"]["total"] + report["rejected"]["total"]
-    assert report["written"]["total"] == sum(
-        len(m) for m in (*pooled.values(), *held.values())
-    )
+    assert report["written"]["total"] == sum(len(m) for m in (*pooled.values(), *held.values()))
 
 
 def test_holdout_names_are_checked(tmp_path, held_out) -> None:
@@ -201,7 +206,10 @@ def test_reader_renders_the_text_again_from_the_stored_fields(ad_shards) -> None
         def __call__(self, texts_, **_):
             texts.extend(texts_)
             n = len(texts_)
-            return {"input_ids": torch.zeros(n, 4, dtype=torch.long), "attention_mask": torch.ones(n, 4)}
+            return {
+                "input_ids": torch.zeros(n, 4, dtype=torch.long),
+                "attention_mask": torch.ones(n, 4),
+            }
 
     batches = list(EvalStream(split, cfg, Tok(), 4))
     assert sum(int(b["valid"].sum()) for b in batches) == split.num_samples
@@ -231,3 +239,15 @@ def test_synthetic_demographics_differ_by_diagnosis_with_overlap() -> None:
     nc = [s.visits[0].age for s in by_dx["NC"]]
     ad = [s.visits[0].age for s in by_dx["AD"]]
     assert np.percentile(ad, 25) < np.percentile(nc, 75)
+
+
+def test_binary_collapse_stays_a_probability_for_confident_models() -> None:
+    # P(NC) ~ 1e-14: in float32 P(MCI) + P(AD) rounds above 1, which torchmetrics would read
+    # as logits (and push every score above 0.5).
+    logits = torch.tensor(
+        [[-19.12, 3.12, 11.70], [5.0, 0.0, 0.0], [4.0, 1.0, 0.0], [-3.0, 2.0, 1.0]]
+    )
+    p = collapse_to_binary(logits)
+    assert float(p.max()) <= 1.0
+    got = binary_metrics(p, torch.tensor([True, False, False, True]))
+    assert got["acc"] == 1.0 and got["confusion"] == [[2, 0], [0, 2]]

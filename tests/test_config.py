@@ -83,3 +83,24 @@ def test_exponent_floats_without_a_dot(tmp_path):
     preset.write_text("optim:\n  lr: 3e-4\n")
     assert load_config(str(preset)).optim.lr == 3e-4
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+def test_a_preset_can_start_from_a_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.5\n  warmup_steps: 7\ntrain:\n  seed: 3\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim:\n  lr: 0.25\n")
+    cfg = load_config(str(tmp_path / "child.yaml"), ["train.seed=4"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.seed) == (0.25, 7, 4)
+    (tmp_path / "base.yaml").write_text("base: ../" + tmp_path.name + "/child.yaml\n")
+    with pytest.raises(ConfigError, match="base files form a cycle"):
+        load_config(str(tmp_path / "child.yaml"))
+    joint = load_config(str(REPO / "configs" / "ad_alifuse_classify.yaml"))
+    assert joint.model.task == "classify" and joint.model.cross_attention == "between"
+
+
+def test_yes_and_no_are_strings_and_mappings_are_typed(tmp_path):
+    cfg = load_config(None, ["train.mixed_precision=no", "data.extra_splits.AIBL=/d/AIBL"])
+    assert cfg.train.mixed_precision == "no" and cfg.data.extra_splits == {"AIBL": "/d/AIBL"}
+    with pytest.raises(ConfigError, match="data.extra_splits=.*expected a mapping"):
+        load_config(None, ["data.extra_splits=[a]"])
+    with pytest.raises(ConfigError, match=r"train.eval_splits names \['AIBL'\]"):
+        load_config(None, ["train.eval_splits=[val, AIBL]"])

@@ -148,8 +148,9 @@ SIZES = {
 
 # Departures every size shares, and why (printed under each table).
 NOTES = [
-    "Every row trains with the same seed, optimiser, steps and batch; the Alifuse rows are "
-    "configs/ad_alifuse_joint.yaml, the baselines share its image and text settings.",
+    "Every row trains with the same seed, optimiser, step budget and batch (a two-stage row: "
+    "that budget per stage); the Alifuse rows are configs/ad_alifuse_joint.yaml, the "
+    "baselines share its image and text settings.",
     "Binary cohorts (OASIS-2, MIRIAD) are scored from the three-class models as NC vs MCI+AD "
     "with P(MCI) + P(AD).",
 ]
@@ -346,7 +347,7 @@ def table3() -> Experiment:
         ),
         Row(
             "cross_after",
-            "gated cross-attention after the last 2 blocks",
+            "gated cross-attention after the last blocks (2 ViT, 1 BERT)",
             d,
             [
                 "model.cross_attention=after",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -77,9 +78,23 @@ def binary_metrics(p_impaired: torch.Tensor, impaired: torch.Tensor) -> dict[str
 
 
 def collapse_to_binary(logits: torch.Tensor) -> torch.Tensor:
-    """Three-class logits (N, 3) of NC / MCI / AD -> P(MCI) + P(AD) (N,)."""
-    probs = logits.float().softmax(dim=-1)
-    return probs[:, 1:].sum(dim=-1)
+    """Three-class logits (N, 3) of NC / MCI / AD -> P(MCI) + P(AD) (N,), in [0, 1].
+
+    Clamped: a sum that rounds to 1.0000001 would make torchmetrics read the whole tensor as
+    logits and squash every score above 0.5."""
+    probs = logits.double().softmax(dim=-1)
+    return probs[:, 1:].sum(dim=-1).clamp(0.0, 1.0).float()
+
+
+@contextmanager
+def isolated_rng(seed: int, device: torch.device):
+    """Runs the block on RNG streams seeded with `seed` and restores the previous ones after
+    (the CPU generator, and the device's on CUDA), so an evaluation's random masks neither
+    depend on nor move the training RNG."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def reduce_mean(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
@@ -112,8 +127,7 @@ def predict(
     lists: dict[str, list] = {k: [] for k in list_keys}
     sums: dict[str, float] = defaultdict(float)
     batches = 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with isolated_rng(seed, accelerator.device):
         for batch in loader:
             out = model(move(batch))
             tensors["logits"].append(out["logits"].float())

@@ -264,7 +264,7 @@ def score_column(
     out: dict[str, dict[str, Any]] = {}
     for row, s in scores.items():
         entry: dict[str, Any] = {"n": len(keys), "subjects": len(set(first.subjects))}
-        entry["scoring"] = "binary" if first.binary else "three_class"
+        entry["scoring"] = "binary" if preds[row].binary else "three_class"
         for metric, values in s.items():
             point = float(values[0])
             entry[metric] = None if math.isnan(point) else point
@@ -414,7 +414,11 @@ def run_experiment(
     size: str = "",
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Trains every row, scores every column, writes results.{json,md,png} under `out`."""
+    """Trains every row, scores every column, writes results.{json,md,png} under `out`.
+
+    The runs start in the repository (for its configs): `out` and any paths in `shared`
+    must be absolute or relative to it; scripts/experiment.py resolves them."""
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runs: dict[str, Any] = {}

@@ -328,7 +328,13 @@ def visualize_run(
         attention_figure(model, batch, model.tokenizer, names, out / "attention.png")
     )
     record["attention_samples"] = batch["key"]
-    if model.use_itc:
+    if model.use_itc and model.attention_pool is not None:
+        record["umap"] = None
+        record["umap_skipped"] = (
+            "with attention pooling an image has no embedding of its own (each pair is scored "
+            "jointly), so there is no image point to place"
+        )
+    elif model.use_itc:
         before = initial_model(cfg, recorded).eval()
         states = {"before alignment": split_embeddings(before, loader)}
         states["after alignment"] = split_embeddings(model, loader)

@@ -211,7 +211,10 @@ def load_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"config file {path}: base={base!r}: expected a file name")
-    base_path = str(Path(path).parent / base)
-    if base_path in _seen:
-        raise ConfigError(f"config file {path}: base files form a cycle: {[*_seen, base_path]}")
-    return merge(load_yaml(base_path, (*_seen, str(path))), data)
+    base_path = str((Path(path).parent / base).resolve())
+    here = str(Path(path).resolve())
+    if base_path in (*_seen, here):
+        raise ConfigError(
+            f"config file {path}: base files form a cycle: {[*_seen, here, base_path]}"
+        )
+    return merge(load_yaml(base_path, (*_seen, here)), data)

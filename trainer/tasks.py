@@ -32,7 +32,7 @@ from shards.reader import AD_FORMAT, CXR_FORMAT, LABEL_NAMES, ShardSet, build_ev
 from trainer.config import Config
 from trainer.cxr_metrics import format_table
 from trainer.embed_eval import SplitEmbeddings, retrieval_metrics, zero_shot_metrics
-from trainer.evaluate import predict, reduce_mean, score, score_multilabel
+from trainer.evaluate import isolated_rng, predict, reduce_mean, score, score_multilabel
 from trainer.plots import plot_confusion, plot_label_auroc, plot_roc
 
 
@@ -115,8 +115,7 @@ def eval_losses(
     model.eval()
     sums: dict[str, float] = defaultdict(float)
     count = 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(ctx.cfg.train.seed)
+    with isolated_rng(ctx.cfg.train.seed, ctx.accelerator.device):
         for batch in loader:
             batch = ctx.move(batch)
             for key, value in _loss_terms(model(batch)).items():
@@ -224,7 +223,7 @@ class ClassifyTask(Task):
     def _write(self, out: Path, name: str, pred: dict[str, Any], result: dict[str, Any]) -> None:
         names = LABEL_NAMES[self.cfg.data.label_mode]
         plot_roc(pred["logits"], pred["label"], names, out / f"roc_{name}.png", f"ROC ({name})")
-        if result.get("scoring") == "three_class":
+        if result.get("scoring") != "binary_collapse":  # its 2 x 2 matrix is in results.json
             plot_confusion(
                 result["confusion"], names, out / f"confusion_{name}.png", f"Confusion ({name})"
             )
