@@ -44,7 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--launcher", default="", help='run each row under this, e.g. "accelerate launch ..."'
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="training seeds of every row (default: the size's: 0 for quick and paper, "
+        "0 1 2 for default); the first also seeds the bootstrap",
+    )
+    parser.add_argument("--data-seed", type=int, default=0, help="synthetic cohort and split seed")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--rerun", action="store_true", help="train rows already run again")
     parser.add_argument(
@@ -86,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             print("experiment: error: --shards needs --text-checkpoint too", file=sys.stderr)
             return 2
     else:
-        shards, bert = prepare_data(size, out.parent / f"data-{args.size}", args.seed)
+        shards, bert = prepare_data(size, out.parent / f"data-{args.size}", args.data_seed)
         if args.text_checkpoint is not None:
             bert = args.text_checkpoint
     shards, bert = Path(shards).resolve(), Path(bert).resolve()
-    shared = [*shared_overrides(size, shards, bert, args.seed), *args.set]
+    shared = [*shared_overrides(size, shards, bert), *args.set]
     try:
         results = run_experiment(
             exp,
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             shared,
             launcher=shlex.split(args.launcher),
             n_boot=args.bootstrap,
-            seed=args.seed,
+            seeds=args.seeds or list(size.seeds),
             rerun=args.rerun,
             size=args.size,
         )

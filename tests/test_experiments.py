@@ -144,7 +144,8 @@ def test_quick_experiment_fills_every_row(quick_tables, name) -> None:
     assert (out / "results.png").stat().st_size > 10_000
     for row in exp.rows:
         if not row.skip:
-            assert (out / "runs" / row.key / "config.yaml").is_file()
+            assert (out / "runs" / row.key / "seed0" / "config.yaml").is_file()
+            assert results["scores"][row.key][exp.columns[0].name]["seeds"] == 1
     if name == "alifuse-table2":  # zero-shot columns, binary cohorts scored as binary
         scores = results["scores"]["alifuse"]
         assert scores["OASIS-2"]["scoring"] == scores["MIRIAD"]["scoring"] == "binary"

@@ -117,6 +117,11 @@ def _run(cmd: list[str], folder: Path) -> float:
     return time.perf_counter() - started
 
 
+def run_folder(out: Path, row: Row, seed: int) -> Path:
+    """Where one training seed of a row runs: OUT/runs/<row>/seed<k>/."""
+    return out / "runs" / row.key / f"seed{seed}"
+
+
 def run_row(
     row: Row,
     exp: Experiment,
@@ -124,11 +129,13 @@ def run_row(
     shared: Sequence[str],
     launcher: Sequence[str],
     rerun: bool,
+    seed: int = 0,
     python: str = sys.executable,
 ) -> dict[str, Any]:
-    """Trains a row (its pretraining run first, if any) unless the same commands already
-    finished in its folder; returns {"commands", "seconds", "reused"}."""
-    folder = out / "runs" / row.key
+    """Trains one seed of a row (its pretraining run first, if any) unless the same commands
+    already finished in its folder; returns {"commands", "seconds", "reused"}."""
+    folder = run_folder(out, row, seed)
+    shared = [*shared, f"train.seed={seed}"]
     commands = []
     if row.pretrain is not None:
         pre = folder / "pretrain"
@@ -149,12 +156,12 @@ def run_row(
     record = folder / "experiment_row.json"
     done = (folder / "results.json").is_file() and record.is_file()
     if done and not rerun and json.loads(record.read_text())["commands"] == commands:
-        log.info("row %s: reusing %s (same commands)", row.key, folder)
+        log.info("row %s seed %d: reusing %s (same commands)", row.key, seed, folder)
         return {**json.loads(record.read_text()), "reused": True}
     seconds = 0.0
     for i, cmd in enumerate(commands):
         target = folder / "pretrain" if i < len(commands) - 1 else folder
-        log.info("row %s: %s", row.key, shlex.join(cmd))
+        log.info("row %s seed %d: %s", row.key, seed, shlex.join(cmd))
         seconds += _run(cmd, target)
     info = {"commands": commands, "seconds": round(seconds, 1)}
     record.write_text(json.dumps(info, indent=2))
@@ -248,29 +255,43 @@ def paired_p(reference: torch.Tensor, other: torch.Tensor) -> float | None:
 
 
 def score_column(
-    preds: dict[str, Predictions], reference: str, n_boot: int, seed: int
+    preds: dict[str, list[Predictions]], reference: str, n_boot: int, seed: int
 ) -> dict[str, dict[str, Any]]:
-    """Point estimates, intervals and p-values of every row's predictions on one column."""
-    keys = next(iter(preds.values())).keys
-    for row, pred in preds.items():
-        if pred.keys != keys:
-            raise ValueError(
-                f"row {row} predicted other samples than the others ({len(pred.keys)} vs "
-                f"{len(keys)}); every row must score the same split"
-            )
-    first = next(iter(preds.values()))
+    """Point estimates, intervals and p-values of every row on one column.
+
+    `preds[row]` holds one `Predictions` per training seed. A row's metric is the mean over
+    its seeds; each bootstrap resample of the subjects scores every seed of every row, so the
+    interval and the paired p-value are those of the seed-averaged metric. The seeds' own
+    values and their standard deviation are kept beside (training noise, which the bootstrap
+    over test subjects does not hold)."""
+    first = next(iter(preds.values()))[0]
+    keys = first.keys
+    for row, runs in preds.items():
+        for pred in runs:
+            if pred.keys != keys:
+                raise ValueError(
+                    f"row {row} predicted other samples than the others ({len(pred.keys)} vs "
+                    f"{len(keys)}); every row must score the same split"
+                )
     weights = subject_weights(first.subjects, n_boot, seed)
-    scores = {row: weighted_scores(pred, weights) for row, pred in preds.items()}
+    scores = {}
+    for row, runs in preds.items():
+        per_seed = [weighted_scores(pred, weights) for pred in runs]
+        scores[row] = {m: torch.stack([s[m] for s in per_seed]) for m in ("acc", "auc")}
     out: dict[str, dict[str, Any]] = {}
-    for row, s in scores.items():
+    for row, metrics in scores.items():
         entry: dict[str, Any] = {"n": len(keys), "subjects": len(set(first.subjects))}
-        entry["scoring"] = "binary" if preds[row].binary else "three_class"
-        for metric, values in s.items():
-            point = float(values[0])
+        entry["scoring"] = "binary" if preds[row][0].binary else "three_class"
+        entry["seeds"] = len(preds[row])
+        for metric, values in metrics.items():  # (seeds, 1 + n_boot)
+            mean = values.mean(0)
+            point = float(mean[0])
             entry[metric] = None if math.isnan(point) else point
-            entry[f"{metric}_ci"] = _interval(values[1:]) if n_boot else None
+            entry[f"{metric}_ci"] = _interval(mean[1:]) if n_boot else None
+            entry[f"{metric}_by_seed"] = [float(v) for v in values[:, 0]]
+            entry[f"{metric}_seed_sd"] = float(values[:, 0].std()) if len(values) > 1 else None
             if row != reference and reference in scores and n_boot:
-                entry[f"{metric}_p"] = paired_p(scores[reference][metric][1:], values[1:])
+                entry[f"{metric}_p"] = paired_p(scores[reference][metric].mean(0)[1:], mean[1:])
         out[row] = entry
     return out
 
@@ -287,7 +308,9 @@ def _cell(entry: dict[str, Any] | None, metric: str) -> str:
         return "n/a"
     ci = entry.get(f"{metric}_ci")
     interval = "" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"
-    return f"{_pct(entry.get(metric))}{interval}"
+    sd = entry.get(f"{metric}_seed_sd")
+    spread = "" if sd is None else f" ±{100 * sd:.1f}"
+    return f"{_pct(entry.get(metric))}{spread}{interval}"
 
 
 def _p(value: float | None, n_boot: int) -> str:
@@ -320,9 +343,16 @@ def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
                         cell += f" ({delta:+.1f})"
                 cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
+    seeds = results["seeds"]
     lines += [
         "",
-        "Values in %, 95 % bootstrap interval by subject in brackets"
+        "Values in %"
+        + (
+            f", the mean of {len(seeds)} training seeds ({', '.join(map(str, seeds))}) ± their "
+            "standard deviation, then the 95 % bootstrap interval by subject of that mean"
+            if len(seeds) > 1
+            else ", 95 % bootstrap interval by subject in brackets"
+        )
         + (" (change against the full model in parentheses)." if exp.layout == "ablation" else ".")
         + (
             " †: zero-shot, a cohort never seen in training."
@@ -357,10 +387,14 @@ def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
             )
     if exp.notes:
         lines += ["", *exp.notes]
+    trained = sum(run["seconds"] for run in results["runs"].values())
+    reused = sum(1 for run in results["runs"].values() if run["reused"])
     lines += [
         "",
-        f"Size: {results['size']}; seed {results['seed']}; wall time "
-        f"{results['seconds'] / 60:.1f} min on {results['machine']}.",
+        f"Size: {results['size']}; training seeds {results['seeds']}; training "
+        f"{trained / 60:.1f} min "
+        f"(the rows' runs added up) on {results['machine']}"
+        + (f"; {reused} rows read back from earlier runs." if reused else "."),
     ]
     return "\n".join(lines) + "\n"
 
@@ -375,9 +409,10 @@ def plot_results(exp: Experiment, results: dict[str, Any], path: Path) -> Path:
     rows = [row for row in exp.rows if not row.skip and row.key in scores]
     cols = exp.columns
     fig, axes = plt.subplots(
-        2, 1, figsize=(max(6.0, 1.1 * len(cols) * max(1, len(rows)) / 3 + 2), 7), squeeze=False
+        2, 1, figsize=(max(6.0, 1.1 * len(cols) * max(1, len(rows)) / 3 + 2) + 3, 7), squeeze=False
     )
     width = 0.8 / max(1, len(rows))
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     for ax, metric in zip(axes[:, 0], ("acc", "auc"), strict=True):
         for i, row in enumerate(rows):
             xs, ys, lo, hi = [], [], [], []
@@ -390,13 +425,14 @@ def plot_results(exp: Experiment, results: dict[str, Any], path: Path) -> Path:
                 ys.append(value)
                 lo.append(value - ci[0])
                 hi.append(ci[1] - value)
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=row.label, color=f"C{i % 10}")
+            colour = palette(i % palette.N)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=row.label, color=colour)
         ax.set_xticks(range(len(cols)), [c.name + (" †" if c.zero_shot else "") for c in cols])
         ax.set_ylabel(metric.upper())
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].set_title(exp.title, fontsize=10)
-    axes[0, 0].legend(fontsize=7, ncol=2, loc="lower left")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -409,44 +445,49 @@ def run_experiment(
     shared: Sequence[str],
     launcher: Sequence[str] = (),
     n_boot: int = 1000,
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     rerun: bool = False,
     size: str = "",
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Trains every row, scores every column, writes results.{json,md,png} under `out`.
+    """Trains every row once per seed, scores every column, writes results.{json,md,png}
+    under `out` (the bootstrap draws use the first seed).
 
     The runs start in the repository (for its configs): `out` and any paths in `shared`
     must be absolute or relative to it; scripts/experiment.py resolves them."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    seeds = list(seeds)
     runs: dict[str, Any] = {}
-    for i, row in enumerate(exp.rows, 1):
+    todo = [row for row in exp.rows if not row.skip]
+    for row in exp.rows:
         if row.skip:
-            progress(f"[{i}/{len(exp.rows)}] {row.label}: not run ({row.skip})")
-            continue
-        progress(f"[{i}/{len(exp.rows)}] {row.label} ...")
-        runs[row.key] = run_row(row, exp, out, shared, launcher, rerun)
-        how = "reused" if runs[row.key]["reused"] else f"{runs[row.key]['seconds']:.0f} s"
-        progress(f"[{i}/{len(exp.rows)}] {row.label}: done ({how})")
-    scores: dict[str, dict[str, Any]] = {key: {} for key in runs}
+            progress(f"{row.label}: not run ({row.skip})")
+    for i, (seed, row) in enumerate(((s, r) for s in seeds for r in todo), 1):
+        tag = f"[{i}/{len(todo) * len(seeds)}] {row.label}, seed {seed}"
+        progress(f"{tag} ...")
+        run = run_row(row, exp, out, shared, launcher, rerun, seed)
+        runs[f"{row.key}/seed{seed}"] = run
+        how = "reused" if run["reused"] else f"{run['seconds']:.0f} s"
+        progress(f"{tag}: done ({how})")
+    scores: dict[str, dict[str, Any]] = {row.key: {} for row in todo}
     for col in exp.columns:
         preds = {}
-        for key in runs:
-            pred = read_predictions(out / "runs" / key, col)
-            if pred is not None:
-                preds[key] = pred
+        for row in todo:
+            found = [read_predictions(run_folder(out, row, seed), col) for seed in seeds]
+            if all(pred is not None for pred in found):
+                preds[row.key] = found
         if not preds:
             log.warning("column %s: no run has predictions for split %s", col.name, col.split)
             continue
-        for key, entry in score_column(preds, exp.reference, n_boot, seed).items():
+        for key, entry in score_column(preds, exp.reference, n_boot, seeds[0]).items():
             scores[key][col.name] = entry
     results = {
         "experiment": exp.name,
         "title": exp.title,
         "size": size,
-        "seed": seed,
+        "seeds": seeds,
         "n_boot": n_boot,
         "reference": exp.reference,
         "rows": [asdict(row) for row in exp.rows],
