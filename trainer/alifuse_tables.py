@@ -153,8 +153,8 @@ SIZES = {
 
 # Departures every size shares, and why (printed under each table).
 NOTES = [
-    "Every row trains with the same seed, optimiser, step budget and batch (a two-stage row: "
-    "that budget per stage); the Alifuse rows are configs/ad_alifuse_joint.yaml, the "
+    "Every row trains with the same seeds, optimiser, step budget and batch (a two-stage "
+    "row: that budget per stage); the Alifuse rows are configs/ad_alifuse_joint.yaml, the "
     "baselines share its image and text settings.",
     "Binary cohorts (OASIS-2, MIRIAD) are scored from the three-class models as NC vs MCI+AD "
     "with P(MCI) + P(AD).",

@@ -2,26 +2,29 @@
 
 An `Experiment` is a list of rows (each one training run of `train.py`, or two when a row is
 pretrained first) and a list of columns (a split, or one cohort of it). `run_experiment`
-trains every row with the same seed, reads each run's `predictions_<split>.jsonl`, and writes
+trains every row once per training seed (the same seeds for every row), reads each run's
+`predictions_<split>.jsonl`, and writes
 
-    OUT/runs/<row>/        each run's folder (config, logs, predictions, weights)
-    OUT/results.json       every number below, with the commands that produced them
-    OUT/results.md         the table in the paper's layout (cells: value [95 % interval])
-    OUT/results.png        a bar chart with the intervals
+    OUT/runs/<row>/seed<k>/  each run's folder (config, logs, predictions, weights)
+    OUT/results.json         every number below, with the commands that produced them
+    OUT/results.md           the table in the paper's layout (cells: mean ± seed spread [95 %])
+    OUT/results.png          a bar chart with the intervals
 
 Statistics (per column, over the samples the column holds):
 
 - ACC and AUC: three-class columns take the arg-max class and the macro one-vs-rest AUC over
   the classes present; binary cohorts (NC vs impaired) take P(MCI) + P(AD) > 0.5 and its AUC
-  (trainer/evaluate.py scores the runs the same way);
+  (trainer/evaluate.py scores the runs the same way); a row's value is the mean over seeds;
 - 95 % intervals: percentile bootstrap over subjects (a subject's visits are drawn together,
-  so repeated scans of one person do not pass for independent evidence);
+  so repeated scans of one person do not pass for independent evidence) of that mean; the
+  seeds' standard deviation is printed beside (training noise, which the bootstrap over test
+  subjects does not see);
 - p-values: paired bootstrap against the reference row (the full model): the same subject
   draws score both rows; p = 2 min(P(d <= 0), P(d >= 0)) for the difference d = reference -
   row, capped at 1 (two-sided). With B resamples the smallest p it can show is 1 / B.
 
-A row already run with the same command is read back, not trained again (`rerun` forces it),
-so an interrupted experiment continues where it stopped.
+A run already done with the same command is read back, not trained again (`rerun` forces
+it), so an interrupted experiment continues where it stopped.
 """
 
 from __future__ import annotations
