@@ -19,7 +19,7 @@ if importlib.util.find_spec("shards") is None:  # running from a checkout withou
 
 from shards.ad_tables import FORMATS  # noqa: E402
 from shards.synthetic_ad import read_sources_file  # noqa: E402
-from shards.writer import write_ad_shards  # noqa: E402
+from shards.writer import empty_run_error, write_ad_shards  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = [tuple(s) for s in args.source]
         if args.synthetic_root is not None:
             sources += read_sources_file(args.synthetic_root)
-        write_ad_shards(
+        report = write_ad_shards(
             sources,
             args.out,
             size=args.size,
@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"make_ad_shards: error: {exc}", file=sys.stderr)
         return 2
+    error = empty_run_error(report, args.out / "rejects.jsonl")
+    if error is not None:
+        print(f"make_ad_shards: error: {error}", file=sys.stderr)
+        return 1
     print(f"report: {args.out / 'report.json'}  rejects: {args.out / 'rejects.jsonl'}")
     return 0
 

@@ -20,6 +20,7 @@ if importlib.util.find_spec("shards") is None:  # running from a checkout withou
 
 from shards.mimic_cxr import FRONTAL, LABELERS, write_cxr_shards  # noqa: E402
 from shards.synthetic_cxr import read_sources_file  # noqa: E402
+from shards.writer import empty_run_error  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             root, reports_root = read_sources_file(args.synthetic_root)
         else:
             root, reports_root = args.root, args.reports_root
-        write_cxr_shards(
+        report = write_cxr_shards(
             root,
             reports_root,
             args.out,
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"make_cxr_shards: error: {exc}", file=sys.stderr)
         return 2
+    error = empty_run_error(report, args.out / "rejects.jsonl")
+    if error is not None:
+        print(f"make_cxr_shards: error: {error}", file=sys.stderr)
+        return 1
     print(f"report: {args.out / 'report.json'}  rejects: {args.out / 'rejects.jsonl'}")
     return 0
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from shards.cxr_reports import normalize_deid
 from shards.volume import RecordError
 
 # Cells that mean "no value" in the tables people actually have.
@@ -122,12 +123,15 @@ def format_value(value: Any) -> str:
 
 
 def clean_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-safe copy of the fields with the missing ones omitted (numbers kept as numbers)."""
+    """JSON-safe copy of the fields with the missing ones omitted (numbers kept as numbers,
+    de-identification markers in text as shards.cxr_reports.DEID_TOKEN)."""
     out: dict[str, Any] = {}
     for key, value in fields.items():
         if is_missing(value):
             continue
-        if isinstance(value, bool | int | str):
+        if isinstance(value, str):
+            out[key] = normalize_deid(value)  # one marker for every source's de-identified spans
+        elif isinstance(value, bool | int):
             out[key] = value
         elif isinstance(value, float):
             out[key] = int(value) if value.is_integer() else value

@@ -18,7 +18,15 @@ A report file (``files/pXX/pSUBJECT/sSTUDY.txt``) looks like::
 
 Everything up to a ``FINAL REPORT`` line (the wet read, a row of underscores) is the preamble.
 A section starts at an upper-case header at the start of a line (``FINDINGS:``) and runs to
-the next header; lines are joined and whitespace collapsed; de-identified spans ``___`` stay.
+the next header; lines are joined and whitespace collapsed. A header is recognised by name:
+one of the section names below (``KNOWN_SECTIONS``) starts a section wherever it starts a
+line; another upper-case name followed by a colon (``PA AND LATERAL VIEWS OF THE CHEST:``)
+starts one only where a paragraph starts (at the top of the body or after a blank line), so a
+wrapped line of prose that happens to begin ``NG TUBE: ...`` stays in its section.
+
+De-identification markers are written differently by each source (MIMIC ``___``, Open-i /
+IU X-ray ``XXXX``, older MIMIC ``[** ... **]``); every one becomes ``DEID_TOKEN`` (``___``),
+so one concept is one string for the tokenizer whatever the source.
 
 Which text is used (``extract_text``):
   1. the requested sections (findings, then impression) that are present and non-empty,
@@ -26,8 +34,11 @@ Which text is used (``extract_text``):
   2. else the last non-empty section that is not one of the header-only sections
      (examination, indication, history, technique, comparison, notification, ...), e.g. a
      lone CONCLUSION or REPORT section; source "fallback:<section name>";
-  3. else the whole body after the preamble, headers included; source "fallback:body";
-  4. a body with no content at all raises RecordError("empty_report").
+  3. else, for a report with no section header at all, the whole body after the preamble;
+     source "fallback:body";
+  4. anything else raises RecordError("empty_report"): no text at all, or headers whose
+     sections are all empty or say only why and how the exam was done (never trained on as
+     if it were a finding).
 """
 
 from __future__ import annotations
@@ -52,6 +63,16 @@ ALIASES = {
     "impression and findings": "impression",
     "impression/findings": "impression",
 }
+DEID_TOKEN = "___"
+# MIMIC's ___ (and longer runs of underscores), Open-i's XXXX (a word of 2+ X's), [** ... **].
+DEID = re.compile(r"\[\*\*.*?\*\*\]|_{2,}|\bX{2,}\b")
+
+
+def normalize_deid(text: str) -> str:
+    """Every de-identification marker as DEID_TOKEN (see the module docstring)."""
+    return DEID.sub(DEID_TOKEN, text)
+
+
 # Sections that say why and how the exam was done, not what it shows: never a fallback.
 HEADER_ONLY = frozenset(
     {
@@ -74,6 +95,31 @@ HEADER_ONLY = frozenset(
 )
 
 
+# Section names that start a section wherever they start a line (after ALIASES).
+KNOWN_SECTIONS = (
+    frozenset(
+        {
+            "findings",
+            "impression",
+            "conclusion",
+            "report",
+            "recommendation",
+            "recommendations",
+            "recommendation(s)",
+            "addendum",
+            "procedure",
+            "opinion",
+            "summary",
+            "final report",
+            "study",
+            "provisional findings impression (pfi)",
+        }
+    )
+    | HEADER_ONLY
+    | frozenset(ALIASES)
+)
+
+
 def normalize_space(text: str) -> str:
     """Join wrapped lines and collapse runs of whitespace to one space."""
     return " ".join(text.split())
@@ -91,12 +137,23 @@ def section_name(header: str) -> str:
     return ALIASES.get(name, name)
 
 
+def _is_header(body: str, match: re.Match) -> bool:
+    """A known section name anywhere at a line start; another name only at a paragraph start."""
+    if section_name(match.group(1)) in KNOWN_SECTIONS:
+        return True
+    before = body[: match.start()].rstrip(" \t")
+    if not before.strip():
+        return True  # the first line of the body
+    lines = before.split("\n")
+    return len(lines) >= 2 and not lines[-2].strip()  # a blank line before this one
+
+
 def split_sections(body: str) -> tuple[str, list[tuple[str, str]]]:
     """A report body -> (text before the first header, [(section name, content), ...]).
 
     Content is whitespace-normalised and may be empty (a header with nothing under it).
     """
-    headers = list(HEADER.finditer(body))
+    headers = [m for m in HEADER.finditer(body) if _is_header(body, m)]
     lead = normalize_space(body[: headers[0].start()] if headers else body)
     sections = []
     for i, match in enumerate(headers):
@@ -115,7 +172,7 @@ def extract_text(
     ``sections``: section names to use, in order (lower case). ``path`` only names the file
     in a RecordError("empty_report") raised when the report has no content at all.
     """
-    body = strip_preamble(report)
+    body = normalize_deid(strip_preamble(report))
     lead, found = split_sections(body)
     picked = []
     for name in sections:
@@ -127,8 +184,15 @@ def extract_text(
     for name, content in reversed(found):
         if content and name not in HEADER_ONLY:
             return content, f"fallback:{name}"
-    if lead or any(content for _, content in found):
+    if lead and not found:
         return normalize_space(body), "fallback:body"
+    if any(content for _, content in found):
+        names = sorted({name for name, content in found if content})
+        raise RecordError(
+            "empty_report",
+            path,
+            f"only sections that say why and how the exam was done have text ({', '.join(names)})",
+        )
     raise RecordError("empty_report", path, "the report has no text after its preamble and headers")
 
 

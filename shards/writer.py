@@ -292,6 +292,18 @@ def summary_line(report: dict[str, Any]) -> str:
     )
 
 
+def empty_run_error(report: dict[str, Any], rejects_path: Path) -> str | None:
+    """The error a shard command exits with when it wrote no sample at all (None otherwise)."""
+    if report["written"]["total"] > 0:
+        return None
+    reasons = ", ".join(f"{k}: {v}" for k, v in report["rejected"]["by_reason"].items())
+    return (
+        f"no sample written: {report['records_in']} records in, "
+        f"{report['rejected']['total']} rejected ({reasons or 'none'}); the reasons per record "
+        f"are in {rejects_path}"
+    )
+
+
 def write_ad_shards(
     sources: Iterable[Source],
     out_dir: str | Path,
