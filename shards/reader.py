@@ -37,7 +37,8 @@ the same for both. The batch keys are fixed per format:
     bool, key / split / text (lists of str), group (list of str: the study id; images of one study
     share one report, so retrieval counts any image of the group as a match), worker, skipped
 
-worker and skipped are the worker id and its cumulative count of skipped samples, for logging.
+worker, skipped and read: the loader stream a batch came from, the samples that stream lost or
+rejected so far, and the raw samples it read so far (what a checkpoint records per stream).
 Eval padding rows (valid=False) repeat the rank's last sample, key and group included.
 """
 
@@ -134,11 +135,20 @@ class DataConfig:
     # larger one's (shards.splits.label_fraction_indices). Validation and test are untouched.
     label_fraction: float = 1.0
     label_fraction_seed: int = 0
+    # Every shard a run reads is checked against its manifest sha256 before training (each
+    # rank hashes its share; a result is cached in the run folder by file size and mtime, so a
+    # resume re-hashes nothing unchanged); "off" trusts the files. See docs/RELIABILITY.md.
+    verify_shards: Literal["start", "off"] = "start"
+    # The training stream stops with an error naming the split and the first reasons after
+    # this many samples in a row were lost (unreadable tar) or could not be decoded.
+    max_failures_in_row: int = 100
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if self.max_failures_in_row < 1:
+            raise ValueError(f"max_failures_in_row={self.max_failures_in_row}: expected >= 1")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers}: expected >= 0")
         if self.shuffle_buffer < 1:
@@ -164,7 +174,8 @@ class DataConfig:
 
 @dataclass
 class ShardSet:
-    """A split as its manifest describes it."""
+    """A split as its manifest describes it (``digests``: shard path -> (bytes, sha256) where
+    the manifest records them)."""
 
     folder: Path
     shards: list[tuple[str, int]]  # (tar path, samples)
@@ -173,6 +184,7 @@ class ShardSet:
     format: str = AD_FORMAT
     name: str = ""  # the split's name (the manifest's "split", else the folder's name)
     word_limit: int = 64  # words the writer kept of a narrative summary (64 before it was recorded)
+    digests: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def volume_size(self) -> int | None:
@@ -217,26 +229,60 @@ class ShardSet:
             fmt,
             str(manifest.get("split") or Path(folder).name),
             int(manifest.get("word_limit", 64)),
+            {
+                str(Path(folder) / s["name"]): (int(s["bytes"]), str(s["sha256"]))
+                for s in manifest["shards"]
+                if "sha256" in s and "bytes" in s
+            },
         )
 
 
-class SkipCounter:
-    """Counts and logs samples dropped by the reader; the run goes on."""
+class DataError(RuntimeError):
+    """A split that cannot feed training: too many samples in a row lost or undecodable."""
 
-    def __init__(self) -> None:
+
+class SkipCounter:
+    """Counts and logs samples lost or rejected by the reader; the run goes on, unless
+    `max_in_row` failures come in a row with no sample decoded between them (then DataError
+    names the split and the first reasons).
+
+    `base` is the count carried over from a checkpoint; while `muted` (a resumed stream
+    passing over samples it already consumed, whose losses the base holds) nothing counts.
+    """
+
+    def __init__(self, where: str = "", max_in_row: int = 0, base: int = 0) -> None:
+        self.where, self.max_in_row, self.base = where, max_in_row, base
         self.counts: Counter[str] = Counter()
+        self.first: list[str] = []
+        self.in_row = 0
+        self.muted = False
 
     def __call__(self, exn: BaseException) -> bool:  # webdataset handler protocol
-        self.add("corrupt_tar", repr(exn))
+        log.warning("shard read error: %r", exn)  # the samples it loses are counted per shard
         return True
 
-    def add(self, reason: str, detail: str) -> None:
-        self.counts[reason] += 1
-        log.warning("skipping sample (%s): %s", reason, detail)
+    def add(self, reason: str, detail: str, n: int = 1) -> None:
+        if self.muted or n <= 0:
+            return
+        self.counts[reason] += n
+        self.in_row += 1  # a cut shard is one failure however many samples it loses
+        if len(self.first) < 5:
+            self.first.append(f"{reason}: {detail}")
+        log.warning("skipping %d sample(s) (%s): %s", n, reason, detail)
+        if self.max_in_row and self.in_row >= self.max_in_row:
+            raise DataError(
+                f"{self.where}: {self.in_row} failures in a row (lost or undecodable samples, no "
+                f"sample decoded; data.max_failures_in_row={self.max_in_row}); nothing trains on this "
+                f"split. First reasons: " + " | ".join(self.first)
+            )
+
+    def ok(self) -> None:
+        """A sample decoded: the run of failures is over."""
+        self.in_row = 0
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return self.base + sum(self.counts.values())
 
 
 # The largest header of a version 1.0 .npy file (magic, version, 2-byte length, 65535 bytes).
@@ -527,11 +573,47 @@ def _tar_members(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, An
                     raise tarfile.ReadError(f"unreadable header at byte {tar.offset}")
         except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
             counter(ValueError(f"{url}: {exn}"))
-        yield {}  # end of shard: a sample never spans two shards
+        yield {"__end__": url}  # end of shard: a sample never spans two shards
 
 
-def _read_tars(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    yield from wds.tariterators.group_by_keys(_tar_members(urls, counter), handler=counter)
+def _read_tars(
+    urls: list[str], counter: SkipCounter, expected: dict[str, int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Samples (members grouped by key, as webdataset groups them) of the shards in order.
+
+    With ``expected`` (shard path -> the manifest's sample count) a shard that yields fewer
+    samples than its manifest says (a cut file, a bad header) has the difference counted as
+    lost, so the counter's total is the number of samples that did not reach training.
+    """
+    current: dict[str, Any] | None = None
+    produced = 0
+    for member in _tar_members(urls, counter):
+        if "__end__" in member:
+            if current is not None:
+                produced += 1
+                yield current
+            current = None
+            url = member["__end__"]
+            lost = (expected or {}).get(url, produced) - produced
+            if lost > 0:
+                counter.add(
+                    "lost", f"{url}: {lost} of its {expected[url]} samples unreadable", lost
+                )
+            produced = 0
+            continue
+        prefix, suffix = wds.tariterators.base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        if current is None or current["__key__"] != prefix:
+            if current is not None:
+                produced += 1
+                yield current
+            current = {"__key__": prefix, "__url__": member["__url__"]}
+        suffix = suffix.lower()
+        if suffix in current:  # a second member of one name: the sample is damaged
+            counter(ValueError(f"{member['__url__']}: {member['fname']} appears twice"))
+            continue
+        current[suffix] = member["data"]
 
 
 def sample_keys(shards: ShardSet) -> list[str]:
@@ -603,7 +685,9 @@ class TrainStream(IterableDataset):
         self.batcher = _Batcher(tokenizer, max_length, shards.format)
         self.decode = sample_decoder(shards, cfg)
         self.start_batch = 0
+        self.resume_counts: dict[int, tuple[int, int]] = {}  # worker -> (samples read, lost)
         self.counter = SkipCounter()
+        self.expected = {path: n for path, n in shards.shards}
         self.keep = fraction_keys(shards, cfg.label_fraction, cfg.label_fraction_seed)
         workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(shards.shards) < world_size * workers:
@@ -613,9 +697,17 @@ class TrainStream(IterableDataset):
                 f"(--samples-per-shard), use fewer workers, or set data.resampled=true"
             )
 
-    def set_start(self, batches_consumed: int) -> None:
-        """Resume: the first `batches_consumed` batches of this rank's stream are skipped."""
+    def set_start(
+        self, batches_consumed: int, resume_counts: dict[int, tuple[int, int]] | None = None
+    ) -> None:
+        """Resume: the first `batches_consumed` batches of this rank's stream are skipped.
+
+        ``resume_counts``: per stream (a batch's "worker"), the raw samples it had read and the
+        samples it had lost or rejected when its last consumed batch was made (a batch's "read"
+        and "skipped"). With them the stream passes over exactly the samples it read (rejected
+        ones included) and its loss count goes on from where it was."""
         self.start_batch = batches_consumed
+        self.resume_counts = dict(resume_counts or {})
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -643,7 +735,7 @@ class TrainStream(IterableDataset):
         empty_epochs = 0
         for epoch, urls in enumerate(self._urls(worker, num_workers)):
             rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{worker}")
-            raw = _read_tars(urls, self.counter)
+            raw = _read_tars(urls, self.counter, self.expected)
             if self.keep is not None:  # label-fraction run: the other samples are not read on
                 raw = (sample for sample in raw if sample.get("__key__") in self.keep)
             count = 0
@@ -667,19 +759,28 @@ class TrainStream(IterableDataset):
         # (w + start) % num_workers, so batch i of the resumed run is batch start + i of the first.
         worker = (loader_worker + self.start_batch) % num_workers
         skip = len(range(worker, self.start_batch, num_workers)) * bs
+        if worker in self.resume_counts:
+            skip, self.counter.base = self.resume_counts[worker]
+        self.counter.where = f"{self.shards.folder} (rank {self.rank}, stream {worker})"
+        self.counter.max_in_row = self.cfg.max_failures_in_row
+        self.counter.muted = skip > 0  # what it lost there is in the carried-over count
+        read = 0
         batch: list[dict[str, Any]] = []
         for raw in self._raw_samples(worker, num_workers):
+            read += 1
             if skip > 0:
                 skip -= 1
+                self.counter.muted = skip > 0
                 continue
             try:
                 batch.append(self.decode(raw))
             except Exception as err:  # one bad sample never stops a run
                 self.counter.add("undecodable", str(err))
                 continue
+            self.counter.ok()
             if len(batch) == bs:
                 out = self.batcher(batch, [True] * bs)
-                out["worker"], out["skipped"] = worker, self.counter.total
+                out["worker"], out["skipped"], out["read"] = worker, self.counter.total, read
                 yield out
                 batch = []
 
@@ -700,7 +801,7 @@ class EvalStream(IterableDataset):
         self.shards, self.cfg, self.rank, self.world_size = shards, cfg, rank, world_size
         self.batcher = _Batcher(tokenizer, max_length, shards.format)
         self.decode = sample_decoder(shards, cfg)
-        self.counter = SkipCounter()
+        self.counter = SkipCounter(str(shards.folder))
         self.per_rank = -(-shards.num_samples // world_size)
 
     def __len__(self) -> int:
@@ -709,7 +810,8 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         urls = [path for path, _ in self.shards.shards]
         mine: list[dict[str, Any]] = []
-        for index, raw in enumerate(_read_tars(urls, self.counter)):
+        expected = {path: n for path, n in self.shards.shards}
+        for index, raw in enumerate(_read_tars(urls, self.counter, expected)):
             if index % self.world_size != self.rank:
                 continue
             try:
@@ -730,7 +832,7 @@ class EvalStream(IterableDataset):
         bs = self.cfg.eval_batch_size
         for i in range(0, self.per_rank, bs):
             out = self.batcher(mine[i : i + bs], valid[i : i + bs])
-            out["worker"], out["skipped"] = 0, self.counter.total
+            out["worker"], out["skipped"], out["read"] = 0, self.counter.total, 0
             yield out
 
 
@@ -753,12 +855,14 @@ def build_train_loader(
     world_size: int,
     seed: int,
     start_batch: int = 0,
+    resume_counts: dict[int, tuple[int, int]] | None = None,
 ) -> DataLoader:
-    """An endless DataLoader over this rank's share of the training split."""
+    """An endless DataLoader over this rank's share of the training split (resumed: see
+    `TrainStream.set_start`)."""
     stream = TrainStream(
         ShardSet.load(split_dir), cfg, tokenizer, max_length, rank, world_size, seed
     )
-    stream.set_start(start_batch)
+    stream.set_start(start_batch, resume_counts)
     return DataLoader(
         stream,
         batch_size=None,

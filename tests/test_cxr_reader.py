@@ -43,6 +43,7 @@ CXR_KEYS = {
     "group",
     "worker",
     "skipped",
+    "read",
 }
 
 
