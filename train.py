@@ -23,6 +23,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="continue from the latest checkpoint in train.output_dir, or from the given folder",
     )
+    parser.add_argument(
+        "--allow-resume-changes",
+        action="store_true",
+        help="resume even where the data stream settings differ from the checkpoint's (batch "
+        "size, workers, world size, seed, shards, ...); the changes are logged",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a DeepSpeed checkpoint with full unpickling (it can run code: only for a "
+        "checkpoint from a source you trust)",
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied last")
     return parser.parse_args(argv)
 
@@ -38,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.loop import run
 
-    results = run(cfg, resume=args.resume)
+    results = run(
+        cfg,
+        resume=args.resume,
+        trust_checkpoint=args.trust_checkpoint,
+        allow_resume_changes=args.allow_resume_changes,
+    )
     from trainer.report import print_results
 
     print_results(results, cfg)

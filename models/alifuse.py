@@ -64,7 +64,7 @@ from models.baselines import BaselineConfig, build_baseline
 from models.fusion import FusionConfig, build_fusion_model
 from models.heads import MultiLabelConfig, MultiLabelModel
 from models.llama_text import LlamaTextConfig, LlamaTower, build_llama_tower
-from models.losses import ClipLoss, PairwiseClipLoss, mlm_loss
+from models.losses import ClipLoss, PairwiseClipLoss, classification_loss, mlm_loss
 from models.mae import MAEDecoder, mae_loss, patchify
 from models.pooling import AttentionPoolConfig, build_attention_pool
 from models.text import TextConfig, TextTower, build_text_tower, load_tokenizer, local_checkpoint
@@ -574,7 +574,9 @@ class AlifuseModel(nn.Module):
             )
             out["logits"] = logits  # (B, num_classes)
             if cfg.cls_weight:
-                out["cls_loss"] = cfg.cls_weight * F.cross_entropy(logits.float(), batch["label"])
+                out["cls_loss"] = cfg.cls_weight * classification_loss(
+                    logits, batch["label"], batch.get("binary")
+                )
         return out
 
     def _fused(

@@ -56,12 +56,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PerceiverConfig as HFPerceiverConfig
 from transformers import PerceiverModel
 
 from models.attention import Block, init_vit_weights
+from models.losses import classification_loss
 from models.text import TextConfig, TextTower, build_text_tower, load_tokenizer, local_checkpoint
 from models.vit import PatchEmbed, VisionConfig, VisionTransformer, sincos_pos_embed
 
@@ -429,7 +429,7 @@ class BaselineClassifier(nn.Module):
         has a tokenizer, label (B,); other keys are ignored. -> cls_loss (cross-entropy times
         cls_weight), logits (B, num_classes)."""
         logits = self.forward_logits(batch)
-        loss = F.cross_entropy(logits.float(), batch["label"])
+        loss = classification_loss(logits, batch["label"], batch.get("binary"))
         return {"cls_loss": self.cls_weight * loss, "logits": logits}
 
     def no_weight_decay(self) -> set[str]:

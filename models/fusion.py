@@ -33,11 +33,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.attention import Block, CrossBlock, init_vit_weights
+from models.losses import classification_loss
 
 # ---- configs --------------------------------------------------------------------------------
 
@@ -450,7 +450,7 @@ class FusionModel(nn.Module):
         """batch: image (B, C, *spatial), input_ids (B, L), attention_mask (B, L), label (B,);
         other keys are ignored. -> cls_loss (cross-entropy times cls_weight), logits (B, K)."""
         logits = self.forward_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(logits.float(), batch["label"])
+        loss = classification_loss(logits, batch["label"], batch.get("binary"))
         return {"cls_loss": self.cls_weight * loss, "logits": logits}
 
     def no_weight_decay(self) -> set[str]:

@@ -169,3 +169,21 @@ def masked_bce(
         safe_logits, safe_targets, pos_weight=pos_weight, reduction="none"
     )
     return torch.where(keep, loss, 0.0).sum() / keep.sum().clamp(min=1)
+
+
+def classification_loss(logits: Tensor, labels: Tensor, binary: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy over the batch.
+
+    Rows flagged in ``binary`` come from a cohort published as NC vs impaired only (OASIS-2,
+    MIRIAD): their label says NC (0) or impaired (> 0) and nothing finer. With more than two
+    classes such a row's loss is the negative log-likelihood of that binary outcome, with
+    P(impaired) = 1 - P(NC) (the sum of the impaired classes' probabilities), the same collapse
+    the evaluation scores them with; it never trains them as any one impaired class.
+    """
+    logits = logits.float()
+    if binary is None or logits.shape[-1] <= 2 or not bool(binary.any()):
+        return F.cross_entropy(logits, labels)
+    logp = F.log_softmax(logits, dim=-1)
+    exact = -logp.gather(1, labels[:, None]).squeeze(1)
+    collapsed = torch.where(labels > 0, -torch.logsumexp(logp[:, 1:], dim=-1), -logp[:, 0])
+    return torch.where(binary.bool(), collapsed, exact).mean()

@@ -110,3 +110,26 @@ def test_mlm_loss_matches_reference() -> None:
     assert mlm_loss(logits, labels).item() == pytest.approx(expected / count, rel=1e-6)
     nothing = torch.full((2, 5), -100)
     assert mlm_loss(logits, nothing).item() == 0.0
+
+
+def test_binary_cohort_rows_train_as_nc_vs_impaired():
+    from models.losses import classification_loss
+
+    logits = torch.tensor([[0.2, 1.0, -0.5], [1.5, 0.1, 0.3], [0.0, 0.4, 0.9]], requires_grad=True)
+    labels = torch.tensor([2, 0, 1])
+    binary = torch.tensor([True, True, False])
+    loss = classification_loss(logits, labels, binary)
+    p = logits.softmax(-1)
+    expected = -(torch.log(p[0, 1] + p[0, 2]) + torch.log(p[1, 0]) + torch.log(p[2, 1])) / 3
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    # an impaired row of a binary cohort is pushed away from NC, not towards AD over MCI
+    g = logits.grad[0]
+    assert g[0] > 0 and g[1] < 0 and g[2] < 0
+    assert torch.allclose(g[1] / g[2], p[0, 1] / p[0, 2])
+    # no binary row, or a two-class model: plain cross-entropy
+    plain = torch.nn.functional.cross_entropy(logits, labels)
+    assert torch.allclose(
+        classification_loss(logits, labels, torch.zeros(3, dtype=torch.bool)), plain
+    )
+    assert torch.allclose(classification_loss(logits, labels), plain)

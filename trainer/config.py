@@ -56,9 +56,20 @@ class TrainConfig:
     early_stop_metric: str = ""
     early_stop_mode: Literal["max", "min"] = "max"
     early_stop_patience: int = 3
+    # A step whose gradients (or loss) hold NaN / inf never reaches the optimizer. skip: the
+    # step is dropped, counted (train/nonfinite_skipped) and logged with its loss terms and
+    # sample keys, and the run stops after max_nonfinite_in_row such steps in a row; stop: the
+    # run stops at the first one.
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_in_row: int = 3
+    # Seconds a rank waits in a collective (all-reduce, barrier) before the job ends naming
+    # the stalled rank and step. Covers a checkpoint save or an evaluation on the main rank.
+    collective_timeout_s: int = 300
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum", "log_every"):
+        if not self.output_dir.strip():
+            raise ValueError("output_dir is empty: expected the folder a run writes into")
+        for name in ("max_steps", "grad_accum", "log_every", "max_nonfinite_in_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
         if self.early_stop_metric and self.eval_every < 1:
@@ -71,6 +82,10 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "keep_last", "bootstrap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        if self.collective_timeout_s < 10:
+            raise ValueError(
+                f"collective_timeout_s={self.collective_timeout_s}: expected >= 10 (seconds)"
+            )
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip}: expected >= 0")
         if "train" in self.eval_splits:

@@ -37,11 +37,12 @@ def build_accelerator(cfg: Config) -> Accelerator:
     precision = resolve_mixed_precision(cfg.train.mixed_precision)
     if on_cpu and precision == "fp16":
         raise ValueError("train.mixed_precision='fp16' needs a GPU; use 'no' or 'bf16' on CPU")
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=30))]
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
     if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DeepSpeed on CPU needs gloo; naming a backend in a single process would make
         # accelerate look for a process group that no launcher created.
-        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))]
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     accelerator = Accelerator(
         cpu=on_cpu and not use_deepspeed,
         mixed_precision=precision,
@@ -110,6 +111,18 @@ def fill_deepspeed_auto(accelerator: Accelerator, cfg: Config) -> None:
                 f"DeepSpeed config sets {key}={current!r} but the trainer config gives {value!r}; "
                 f'write "auto" in the JSON so the trainer config owns it'
             )
+    if (
+        ds.get("bf16", {}).get("enabled") in (True, "auto")
+        and accelerator.mixed_precision == "bf16"
+    ):
+        # DeepSpeed skips a bf16 step with NaN / inf gradients only when asked to; the trainer
+        # counts such skips (train.nonfinite), so it asks.
+        ds["bf16"].setdefault("check_grad_overflow", True)
+    if ds.get("zero_optimization", {}).get("compute_grad_norm") is False:
+        raise ValueError(
+            "DeepSpeed config sets zero_optimization.compute_grad_norm=false: the trainer reads "
+            "the gradient norm to keep NaN / inf gradients out of the weights; remove the key"
+        )
     for key in ("optimizer", "scheduler"):
         if key not in ds:
             continue

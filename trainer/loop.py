@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from models.alifuse import build_model
+from shards.integrity import check_shards
 from shards.reader import ShardSet, build_train_loader
 from trainer import checkpoint as ckpt
 from trainer.config import Config, save_config
@@ -35,7 +36,9 @@ from trainer.evaluate import reduce_mean
 from trainer.metrics_log import MetricLogger
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.plots import plot_losses
+from trainer.run_state import EarlyStopping, RunState, check_resume, data_fingerprint
 from trainer.tasks import EvalContext, Task, build_task
+from trainer.watchdog import Heartbeat, is_collective_timeout, watch_parent
 
 log = logging.getLogger("medalign")
 
@@ -70,6 +73,15 @@ class Mover:
         return out
 
 
+@dataclass
+class StepResult:
+    """One optimizer step: this rank's mean losses, and whether the optimizer stepped."""
+
+    losses: dict[str, float]
+    stepped: bool
+    keys: list[str] = field(default_factory=list)  # this rank's sample keys (for messages)
+
+
 def train_step(
     task: Task,
     model: torch.nn.Module,
@@ -77,70 +89,51 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     grad_clip: float,
-) -> dict[str, float]:
-    """One optimizer step over `len(batches)` micro-batches; returns this rank's mean losses."""
+) -> StepResult:
+    """One optimizer step over `len(batches)` micro-batches, unless its gradients hold NaN / inf.
+
+    The gradients are checked after the last backward and before the optimizer: their global
+    norm is computed on the synchronised (all-reduced) gradients, so every rank sees the same
+    verdict and skips or steps together; a non-finite loss on any rank makes every rank's
+    gradients non-finite. Under DeepSpeed the engine steps inside backward and skips a step
+    whose gradient norm is not finite itself (bf16: with `check_grad_overflow`, which
+    trainer.distributed sets); its skip counter says what happened. Under fp16 autocast the
+    loss scaler owns gradient overflows (skipping is how it finds its scale), so only a
+    non-finite loss counts there.
+    """
     totals: dict[str, float] = defaultdict(float)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    skips_before = getattr(model, "skipped_steps", 0)
+    loss_finite, stepped = True, True
     for batch in batches:
         with accelerator.accumulate(model):
             losses, extras = task.losses(model, batch)
             loss = sum(losses.values())
+            loss_finite &= bool(torch.isfinite(loss.detach()).all())
             accelerator.backward(loss)
-            # DeepSpeed clips inside its step from the JSON's gradient_clipping (set from ours).
-            if (
-                grad_clip > 0
-                and accelerator.sync_gradients
-                and accelerator.distributed_type != DistributedType.DEEPSPEED
-            ):
-                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+            if accelerator.sync_gradients and not deepspeed:
+                if accelerator.scaler is not None:
+                    stepped = _all_ranks(accelerator, loss_finite)
+                else:
+                    clip = grad_clip if grad_clip > 0 else float("inf")
+                    norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+                    stepped = bool(torch.isfinite(torch.as_tensor(norm)).all())
+                if stepped:
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         for key, value in losses.items():
             totals[key] += value.detach().float().item() / len(batches)
         totals["loss"] += loss.detach().float().item() / len(batches)
         totals.update(extras)
-    return dict(totals)
+    if deepspeed:
+        stepped = getattr(model, "skipped_steps", 0) == skips_before
+    keys = [k for b in batches for k in b.get("key", [])]
+    return StepResult(dict(totals), stepped, keys)
 
 
-class EarlyStopping:
-    """Watches one validation metric: records the best value and step, counts evals without
-    improvement, and says when `patience` of them have passed."""
-
-    def __init__(self, metric: str, mode: str, patience: int) -> None:
-        self.metric, self.mode, self.patience = metric, mode, patience
-        self.best: float | None = None
-        self.best_step: int | None = None
-        self.bad_evals = 0
-
-    def update(self, step: int, result: dict[str, Any]) -> bool:
-        """Takes a validation result; True when it is the best so far."""
-        value = result.get(self.metric)
-        if not isinstance(value, (int, float)):
-            scalars = sorted(k for k, v in result.items() if isinstance(v, (int, float)))
-            raise KeyError(
-                f"train.early_stop_metric={self.metric!r}: the validation result has no such "
-                f"number (it has: {', '.join(scalars)})"
-            )
-        better = self.best is None or (
-            value > self.best if self.mode == "max" else value < self.best
-        )
-        if better:
-            self.best, self.best_step, self.bad_evals = float(value), step, 0
-        else:
-            self.bad_evals += 1
-        return better
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_evals >= self.patience
-
-    def summary(self, stopped_at: int) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "mode": self.mode,
-            "best": self.best,
-            "best_step": self.best_step,
-            "stopped_at": stopped_at,
-        }
+def _all_ranks(accelerator: Accelerator, ok: bool) -> bool:
+    flag = torch.tensor([0 if ok else 1], device=accelerator.device)
+    return int(accelerator.reduce(flag, reduction="sum").item()) == 0
 
 
 def _flat(prefix: str, result: dict[str, Any]) -> dict[str, float]:
@@ -152,8 +145,73 @@ def _flat(prefix: str, result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
-    """Trains as configured; returns the final eval results (on every rank)."""
+def verify_data(cfg: Config, accelerator: Accelerator) -> None:
+    """Checks every shard this run reads against its manifest (data.verify_shards): each rank
+    hashes every world-size-th file; any problem on any rank stops every rank at start."""
+    if cfg.data.verify_shards == "off":
+        return
+    splits = ["train", *cfg.train.eval_splits]
+    if cfg.train.eval_every and "val" not in splits:
+        splits.append("val")
+    digests: dict[str, tuple[int, str]] = {}
+    unchecked = []
+    for split in splits:
+        shards = ShardSet.load(cfg.data.split_dir(split))
+        digests.update(shards.digests)
+        if len(shards.digests) < len(shards.shards):
+            unchecked.append(str(shards.folder))
+    if unchecked:
+        log.warning("manifests without sha256 (not verified): %s", ", ".join(unchecked))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = dict(sorted(digests.items())[rank::world])
+    start = time.perf_counter()
+    cache = Path(cfg.train.output_dir) / "verified" / f"rank_{rank}.json"
+    problems, hashed = check_shards(mine, cache)
+    seconds = time.perf_counter() - start
+    log.info(
+        "verified %d shards (%.1f MB hashed in %.1f s on rank %d)",
+        len(mine),
+        hashed / 1e6,
+        seconds,
+        rank,
+    )
+    for problem in problems:
+        log.error("damaged shard: %s", problem)
+    count = torch.tensor([len(problems)], device=accelerator.device)
+    total = int(accelerator.reduce(count, reduction="sum").item())
+    if total:
+        raise ValueError(
+            f"{total} shard file(s) differ from their manifest (data.verify_shards=start)"
+            + (f": {'; '.join(problems[:5])}" if problems else "; see the other ranks' logs")
+            + ". Write the shards again, or set data.verify_shards=off to train on them as they are"
+        )
+
+
+def _nonfinite_message(step: int, result: StepResult, rank: int) -> str:
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.losses.items()))
+    keys = ", ".join(result.keys[:16]) + (" ..." if len(result.keys) > 16 else "")
+    return (
+        f"step {step}: NaN / inf gradients, the optimizer did not step. Rank {rank}'s loss terms: "
+        f"{terms}; its batch's sample keys: {keys}"
+    )
+
+
+def run(
+    cfg: Config,
+    resume: str | None = None,
+    *,
+    trust_checkpoint: bool = False,
+    allow_resume_changes: bool = False,
+) -> dict[str, Any]:
+    """Trains as configured; returns the final eval results (on every rank).
+
+    `resume`: "latest" or a checkpoint folder (see trainer.checkpoint); a resume whose data
+    fingerprint differs is refused unless `allow_resume_changes` (trainer.run_state)."""
+    watch_parent()
+    task = build_task(cfg)
+    task.check_settings()  # before anything is built or launched
+    for split in ("train", *cfg.train.eval_splits):
+        task.check(ShardSet.load(cfg.data.split_dir(split)))
     accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     logging.basicConfig(
@@ -161,14 +219,17 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(name)s: %(message)s",
     )
     out_dir = Path(cfg.train.output_dir)
-    task = build_task(cfg)
-    for split in ("train", *cfg.train.eval_splits):  # before anything is built or trained
-        task.check(ShardSet.load(cfg.data.split_dir(split)))
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        (out_dir / "launch.json").write_text(json.dumps(describe(accelerator), indent=2))
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / "config.yaml")
+            (out_dir / "launch.json").write_text(json.dumps(describe(accelerator), indent=2))
+        except OSError as err:
+            raise ckpt.CheckpointError(ckpt.write_failure(out_dir, err)) from err
+    accelerator.wait_for_everyone()
+    heart = Heartbeat(cfg.train.output_dir, accelerator.process_index, accelerator.num_processes)
     log.info("launch: %s", describe(accelerator))
+    verify_data(cfg, accelerator)
     set_seed(cfg.train.seed)  # same seed on every rank: identical initial weights
 
     model = build_model(cfg.model, model_device(accelerator))
@@ -191,13 +252,33 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     move = Mover(accelerator)
     ctx = EvalContext(cfg, model, accelerator, move, tokenizer, out_dir)
 
-    step, batches_consumed = 0, 0
-    resume_from = ckpt.resolve_resume(resume, cfg.train.output_dir)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from)
-        step, batches_consumed = state["step"], state["batches_consumed"]
+    tc = cfg.train
+    stopper = (
+        EarlyStopping(tc.early_stop_metric, tc.early_stop_mode, tc.early_stop_patience)
+        if tc.early_stop_metric
+        else None
+    )
+    fingerprint = data_fingerprint(cfg, accelerator.num_processes)
+    state = RunState()
+    loaded = ckpt.resume(accelerator, resume, tc.output_dir, trust_checkpoint)
+    if loaded is not None:
+        path, saved = loaded
+        for change in check_resume(saved.get("fingerprint"), fingerprint, allow_resume_changes):
+            log.warning("resume with a change (--allow-resume-changes): %s", change)
+        state = RunState.from_json(saved)
+        if stopper is not None and saved.get("early_stopping"):
+            stopper.load_state_dict(saved["early_stopping"])
         log.info(
-            "resumed from %s at step %d (%d batches consumed)", resume_from, step, batches_consumed
+            "resumed from %s at step %d (%d batches consumed)",
+            path,
+            state.step,
+            state.batches_consumed,
+        )
+
+    def save() -> None:
+        heart.beat(state.step, "checkpoint")
+        ckpt.save_checkpoint(
+            accelerator, model, tc.output_dir, state.to_json(fingerprint, stopper), tc.keep_last
         )
 
     loader = build_train_loader(
@@ -207,80 +288,121 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         cfg.model.text_max_length,
         accelerator.process_index,
         accelerator.num_processes,
-        cfg.train.seed,
-        start_batch=batches_consumed,
+        tc.seed,
+        start_batch=state.batches_consumed,
+        resume_counts=state.streams,
     )
-    logger = MetricLogger(cfg.train.output_dir, main)
-    tc = cfg.train
+    logger = MetricLogger(tc.output_dir, main)
     data = iter(loader)
     window: dict[str, float] = defaultdict(float)
-    window_steps, window_start = 0, time.perf_counter()
-    skipped_by_worker: dict[int, int] = {}
-    stopper = (
-        EarlyStopping(tc.early_stop_metric, tc.early_stop_mode, tc.early_stop_patience)
-        if tc.early_stop_metric
-        else None
+    window_steps, window_start, window_len = 0, time.perf_counter(), 0
+    pbar = tqdm(
+        total=tc.max_steps, initial=state.step, disable=not (main and tc.progress), desc="train"
     )
-    pbar = tqdm(total=tc.max_steps, initial=step, disable=not (main and tc.progress), desc="train")
     model.train()
-    while step < tc.max_steps:
-        lr = lr_at(step, cfg.optim, tc.max_steps)
-        set_lr(optimizer, lr)
-        micro = [move(next(data)) for _ in range(tc.grad_accum)]
-        batches_consumed += tc.grad_accum
-        for batch in micro:  # cumulative per loader worker
-            skipped_by_worker[batch["worker"]] = batch["skipped"]
-        losses = train_step(task, model, micro, optimizer, accelerator, tc.grad_clip)
-        step += 1
-        pbar.update(1)
-        for key, value in losses.items():
-            window[key] += value
-        window_steps += 1
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            means = reduce_mean(accelerator, {k: v / window_steps for k, v in window.items()})
-            if not all(math.isfinite(v) for v in means.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: {means}")
-            elapsed = time.perf_counter() - window_start
-            samples = window_steps * tc.grad_accum * cfg.data.batch_size * accelerator.num_processes
-            metrics = {f"train/{k}": v for k, v in means.items()}
-            metrics["train/lr"] = lr
-            metrics["train/samples_per_s"] = samples / max(elapsed, 1e-9)
-            skipped = torch.tensor(sum(skipped_by_worker.values()), device=accelerator.device)
-            metrics["data/skipped"] = int(accelerator.reduce(skipped, reduction="sum"))
-            logger.log(step, metrics)
-            pbar.set_postfix(loss=f"{means['loss']:.4f}")
-            window, window_steps, window_start = defaultdict(float), 0, time.perf_counter()
-        if tc.eval_every and step % tc.eval_every == 0 and (step < tc.max_steps or stopper):
-            result = task.evaluate(ctx, "val", cfg.data.val, plots=False)
-            logger.log(step, _flat("val", result))
-            if stopper is not None:
-                if stopper.update(step, result):
-                    ckpt.save_best(accelerator, tc.output_dir, step, batches_consumed)
-                if stopper.should_stop:
-                    log.info(
-                        "early stopping at step %d: val %s has not improved on %.6g (step %d) "
-                        "for %d evaluations",
-                        step,
-                        stopper.metric,
-                        stopper.best,
-                        stopper.best_step,
-                        stopper.bad_evals,
+    try:
+        while state.step < tc.max_steps:
+            heart.beat(state.step, "train step")
+            lr = lr_at(state.step, cfg.optim, tc.max_steps)
+            set_lr(optimizer, lr)
+            micro = [move(next(data)) for _ in range(tc.grad_accum)]
+            state.batches_consumed += tc.grad_accum
+            for batch in micro:  # cumulative per loader stream
+                state.streams[batch["worker"]] = (batch["read"], batch["skipped"])
+            result = train_step(task, model, micro, optimizer, accelerator, tc.grad_clip)
+            state.step += 1
+            window_len += 1
+            pbar.update(1)
+            if result.stepped:
+                state.nonfinite_in_row = 0
+                for key, value in result.losses.items():
+                    window[key] += value
+                window_steps += 1
+            else:
+                state.nonfinite_skipped += 1
+                state.nonfinite_in_row += 1
+                message = _nonfinite_message(state.step, result, accelerator.process_index)
+                if tc.nonfinite == "stop" or state.nonfinite_in_row >= tc.max_nonfinite_in_row:
+                    why = (
+                        "train.nonfinite=stop"
+                        if tc.nonfinite == "stop"
+                        else f"{state.nonfinite_in_row} such steps in a row "
+                        f"(train.max_nonfinite_in_row={tc.max_nonfinite_in_row})"
                     )
-                    break
-        if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
-            ckpt.save_checkpoint(accelerator, tc.output_dir, step, batches_consumed, tc.keep_last)
-    pbar.close()
-    if stopper is not None and stopper.best_step is not None and stopper.best_step != step:
-        # The run ends on the best validation weights (optimizer and RNG state included).
-        ckpt.load_checkpoint(accelerator, ckpt.best_dir(tc.output_dir))
-        log.info("restored the best val %s checkpoint (step %d)", stopper.metric, stopper.best_step)
-
-    ckpt.save_checkpoint(accelerator, tc.output_dir, step, batches_consumed, tc.keep_last)
-    ckpt.export_weights(accelerator, model, tc.output_dir)
-    results: dict[str, Any] = {}
-    for split in tc.eval_splits:
-        results[split] = task.evaluate(ctx, split, cfg.data.split_dir(split), plots=True)
-        logger.log(step, _flat(split, results[split]))
+                    raise FloatingPointError(
+                        f"{message}. Stopping: {why}; the last checkpoint holds the last finite "
+                        "weights"
+                    )
+                log.warning("%s; skipped (%d in a row)", message, state.nonfinite_in_row)
+            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                metrics = {}
+                if window_steps:
+                    means = reduce_mean(
+                        accelerator, {k: v / window_steps for k, v in window.items()}
+                    )
+                    metrics = {f"train/{k}": v for k, v in means.items()}
+                    pbar.set_postfix(loss=f"{means['loss']:.4f}")
+                elapsed = time.perf_counter() - window_start
+                samples = window_len * tc.grad_accum * cfg.data.batch_size
+                metrics["train/lr"] = lr
+                metrics["train/samples_per_s"] = (
+                    samples * accelerator.num_processes / max(elapsed, 1e-9)
+                )
+                metrics["train/nonfinite_skipped"] = state.nonfinite_skipped
+                skipped = torch.tensor(state.skipped, device=accelerator.device)
+                metrics["data/skipped"] = int(accelerator.reduce(skipped, reduction="sum"))
+                logger.log(state.step, metrics)
+                window, window_steps, window_len = defaultdict(float), 0, 0
+                window_start = time.perf_counter()
+            step = state.step
+            if tc.eval_every and step % tc.eval_every == 0 and (step < tc.max_steps or stopper):
+                heart.beat(step, "validation")
+                val = task.evaluate(ctx, "val", cfg.data.val, plots=False)
+                logger.log(step, _flat("val", val))
+                if stopper is not None:
+                    if stopper.update(step, val):
+                        heart.beat(step, "checkpoint (best)")
+                        ckpt.save_best(
+                            accelerator, model, tc.output_dir, state.to_json(fingerprint, stopper)
+                        )
+                    if stopper.should_stop:
+                        log.info(
+                            "early stopping at step %d: val %s has not improved on %.6g (step %d) "
+                            "for %d evaluations",
+                            step,
+                            stopper.metric,
+                            stopper.best,
+                            stopper.best_step,
+                            stopper.bad_evals,
+                        )
+                        break
+            if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
+                save()
+        pbar.close()
+        step = state.step
+        if stopper is not None and stopper.best_step is not None and stopper.best_step != step:
+            # The run ends on the best validation weights (optimizer and RNG state included).
+            heart.beat(step, "restore best")
+            ckpt.load_checkpoint(accelerator, ckpt.best_dir(tc.output_dir), trust_checkpoint)
+            log.info(
+                "restored the best val %s checkpoint (step %d)", stopper.metric, stopper.best_step
+            )
+        save()
+        heart.beat(step, "export")
+        ckpt.export_weights(accelerator, model, tc.output_dir)
+        results: dict[str, Any] = {}
+        for split in tc.eval_splits:
+            heart.beat(step, f"evaluate {split}")
+            results[split] = task.evaluate(ctx, split, cfg.data.split_dir(split), plots=True)
+            logger.log(step, _flat(split, results[split]))
+        heart.beat(step, "done")
+    except Exception as err:
+        if accelerator.num_processes > 1 and is_collective_timeout(err):
+            raise RuntimeError(
+                f"a collective timed out after train.collective_timeout_s="
+                f"{tc.collective_timeout_s} s: {heart.stall_report()}"
+            ) from err
+        raise
     logger.close()
     if stopper is not None:
         results["early_stopping"] = stopper.summary(step)

@@ -8,6 +8,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _drop_partial_line(path: Path) -> None:
+    """A run killed while writing a line leaves it unfinished; a resumed run appends after
+    the last whole line instead of gluing its first record onto the fragment."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricLogger:
     """Appends one JSON line per call and mirrors scalars to TensorBoard."""
 
@@ -19,6 +30,7 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_line(self.path)
             self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

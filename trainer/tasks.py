@@ -28,7 +28,14 @@ import torch
 from accelerate import Accelerator
 
 from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
-from shards.reader import AD_FORMAT, CXR_FORMAT, LABEL_NAMES, ShardSet, build_eval_loader
+from shards.reader import (
+    AD_FORMAT,
+    CXR_FORMAT,
+    LABEL_NAMES,
+    SIZE_KEYS,
+    ShardSet,
+    build_eval_loader,
+)
 from trainer.config import Config
 from trainer.cxr_metrics import format_table
 from trainer.embed_eval import SplitEmbeddings, retrieval_metrics, zero_shot_metrics
@@ -72,6 +79,9 @@ def _loss_line(name: str, result: dict[str, Any]) -> str:
     )
 
 
+_ANY_SIZE = ("resnet3d", "medicalnet")  # convolutional baselines take any input side
+
+
 class Task:
     """The interface (see the module docstring); subclasses fill in what differs."""
 
@@ -89,6 +99,26 @@ class Task:
                 f"{shards.folder}: model.task={self.name} reads {' or '.join(self.formats)} "
                 f"shards; this split is {shards.format}"
             )
+        size = self.cfg.model.vision.img_size
+        if shards.size is not None and shards.size != size and self.cfg.model.arch not in _ANY_SIZE:
+            raise ValueError(
+                f"model.vision.img_size={size}, but {shards.folder}/manifest.json has "
+                f"{SIZE_KEYS[shards.format]}={shards.size}: set model.vision.img_size="
+                f"{shards.size} or write shards of side {size}"
+            )
+
+    def check_settings(self) -> None:
+        """Raises ValueError for settings this task cannot honour (before anything is built)."""
+        metric = self.cfg.train.early_stop_metric
+        if metric and metric not in self.metric_names():
+            raise ValueError(
+                f"train.early_stop_metric={metric!r}: a model.task={self.name} validation has "
+                f"no such number; expected one of {sorted(self.metric_names())}"
+            )
+
+    def metric_names(self) -> set[str]:
+        """The numbers a validation result of this task holds (early stopping watches one)."""
+        return {f"{o}_loss" for o in self.cfg.model.objectives}
 
     def losses(
         self, model: torch.nn.Module, batch: dict[str, Any]
@@ -134,6 +164,14 @@ class PretrainTask(Task):
     name = "pretrain"
     formats = (AD_FORMAT, CXR_FORMAT)
     batch_keys = ("image",)  # + input_ids, attention_mask with a text tower
+
+    def metric_names(self) -> set[str]:
+        names = super().metric_names()
+        if self.cfg.train.retrieval:
+            names |= {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+        if self.cfg.train.zero_shot:
+            names.add("zero_shot_mauc")
+        return names
 
     def evaluate(self, ctx: EvalContext, name: str, folder: str, plots: bool) -> dict[str, Any]:
         cfg = ctx.cfg
@@ -199,6 +237,9 @@ class ClassifyTask(Task):
                 f"model.num_classes={classes}: data.label_mode={mode} has "
                 f"{len(LABEL_NAMES[mode])} classes ({', '.join(LABEL_NAMES[mode])})"
             )
+
+    def metric_names(self) -> set[str]:
+        return super().metric_names() | {"n", "acc", "precision", "recall", "f1", "auc"}
 
     @property
     def collapse_binary(self) -> bool:
@@ -274,6 +315,9 @@ class MultilabelTask(Task):
     name = "multilabel"
     formats = (CXR_FORMAT,)
     batch_keys = ("image", "labels", "label_mask")
+
+    def metric_names(self) -> set[str]:
+        return {"mauc", "mean_acc"}
 
     def evaluate(self, ctx: EvalContext, name: str, folder: str, plots: bool) -> dict[str, Any]:
         pred = predict(

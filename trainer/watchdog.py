@@ -1,0 +1,124 @@
+"""A job never hangs silently: heartbeats name a stalled rank, and workers outlive no launcher.
+
+- Every rank writes `RUN_DIR/heartbeat/rank_R.json` (step, phase, time, host, pid) as it
+  goes. When a collective times out (`train.collective_timeout_s`), the rank that waited reads
+  the others' heartbeats and the error names the rank that stopped answering, with its last
+  step and phase and how long ago it was heard from; the process then exits non-zero and the
+  launcher ends the job.
+- A rank started by a launcher (`accelerate launch`, torchrun) watches its parent process:
+  when the launcher dies (kill -9 included) the rank exits within about a second instead of
+  training on as an orphan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("medalign")
+
+HEARTBEAT_DIR = "heartbeat"
+
+
+class Heartbeat:
+    """This rank's last known position; `beat` costs one small file write."""
+
+    def __init__(self, output_dir: str, rank: int, world_size: int) -> None:
+        self.folder = Path(output_dir) / HEARTBEAT_DIR
+        self.rank, self.world_size = rank, world_size
+        self.enabled = world_size > 1
+        self.step, self.phase = 0, "start"
+        if self.enabled:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.beat(0, "start")
+
+    def beat(self, step: int, phase: str) -> None:
+        self.step, self.phase = step, phase
+        if not self.enabled:
+            return
+        record = {
+            "rank": self.rank,
+            "step": step,
+            "phase": phase,
+            "time": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        path = self.folder / f"rank_{self.rank}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        except OSError:  # a heartbeat is a diagnostic: it never stops training
+            pass
+
+    def others(self) -> list[dict]:
+        records = []
+        for rank in range(self.world_size):
+            if rank == self.rank:
+                continue
+            try:
+                records.append(json.loads((self.folder / f"rank_{rank}.json").read_text()))
+            except (OSError, ValueError):
+                records.append({"rank": rank, "step": None, "phase": "never heard from"})
+        return records
+
+    def stall_report(self) -> str:
+        """Which rank to blame: the one furthest behind, else the one heard from longest ago."""
+        now = time.time()
+        others = self.others()
+
+        def behind(r: dict) -> tuple:
+            step = r.get("step")
+            return (-1 if step is None else step, r.get("time", 0))
+
+        lines = []
+        for r in sorted(others, key=behind):
+            ago = f"{now - r['time']:.0f} s ago" if "time" in r else "no heartbeat"
+            where = f" on {r['host']} (pid {r['pid']})" if "host" in r else ""
+            lines.append(f"rank {r['rank']}: step {r.get('step')}, {r.get('phase')}, {ago}{where}")
+        suspect = sorted(others, key=behind)[0] if others else None
+        head = (
+            f"rank {suspect['rank']} stopped answering (last heard at step {suspect.get('step')}, "
+            f"{suspect.get('phase')})"
+            if suspect is not None
+            else "no other rank"
+        )
+        return f"{head}; this rank {self.rank} waited at step {self.step} ({self.phase}). " + (
+            "Last heartbeats: " + "; ".join(lines)
+        )
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}".lower()
+    return any(
+        s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset")
+    )
+
+
+def watch_parent(interval_s: float = 1.0) -> threading.Thread | None:
+    """Exits this process when the launcher that started it is gone (launched ranks only)."""
+    if "LOCAL_RANK" not in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                log.error(
+                    "the launcher (pid %d) is gone; rank %s exits instead of training on alone",
+                    parent,
+                    os.environ.get("RANK", "?"),
+                )
+                logging.shutdown()
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="medalign-parent-watch", daemon=True)
+    thread.start()
+    return thread
