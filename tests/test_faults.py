@@ -120,6 +120,38 @@ def test_kill_inside_a_checkpoint_write_resumes_from_the_previous(base, tmp_path
         assert again[step] == pytest.approx(first[step], rel=1e-6, abs=1e-7), step
 
 
+def test_early_stopping_state_survives_a_kill_and_resume(ad_shards, tiny_bert, tmp_path):
+    def args(out):
+        return [
+            *tiny_overrides(ad_shards, tiny_bert, out, task="classify"),
+            "train.max_steps=16",
+            "train.eval_every=2",
+            "train.early_stop_metric=acc",
+            "train.early_stop_patience=3",  # the earliest stop is at step 8
+            "train.save_every=1",
+        ]
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_cmd(train_cmd(*args(ref)))
+    proc = subprocess.Popen(
+        train_cmd(*args(out)),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_step(out, 5, proc)  # after the evaluations of steps 2 and 4
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_cmd(train_cmd(*args(out), "--resume"))
+    first = json.loads((ref / "results.json").read_text())
+    again = json.loads((out / "results.json").read_text())
+    assert again["early_stopping"] == first["early_stopping"], (first, again)
+    assert again["val"]["acc"] == first["val"]["acc"]
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize(
     "damage", ["empty_state", "garbled_state", "missing_file", "garbled_latest"]
 )

@@ -413,3 +413,26 @@ def test_volume_batches_stay_float16_until_the_device(tmp_path, workers):
     moved = Mover(Accelerator(cpu=True))(batch)
     assert moved["image"].dtype == torch.float32 and moved["input_ids"].dtype == torch.long
     assert torch.equal(moved["image"], batch["image"].float())
+
+
+def test_resume_is_exact_and_keeps_counting_after_rejected_samples(tmp_path):
+    # Rejected samples shift a stream's batches off the batch_size grid: a resume that skipped
+    # batches x batch_size raw samples would replay or drop some. The per-stream (read,
+    # skipped) counts a checkpoint records make it exact, and the loss count goes on.
+    bad = {i: {**_sample(i), "txt": " "} for i in (3, 4, 9, 17)}
+    shards = write_split(tmp_path / "train", n=24, per_shard=6, bad=bad)
+    cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=3)
+
+    def run(start=0, counts=None):
+        stream = TrainStream(shards, cfg, CharTokenizer(), 16, seed=3)
+        stream.set_start(start, counts)
+        it = iter(stream)
+        return [next(it) for _ in range(20 - start)]
+
+    full = run()
+    cut = 7
+    last = full[cut - 1]
+    resumed = run(cut, {last["worker"]: (last["read"], last["skipped"])})
+    assert _keys(resumed) == _keys(full[cut:])
+    assert [b["skipped"] for b in resumed] == [b["skipped"] for b in full[cut:]]
+    assert full[-1]["skipped"] > last["skipped"] > 0  # the count carried on past the resume

@@ -12,7 +12,7 @@ from trainer.tasks import TASKS, ClassifyTask, JointTask, MultilabelTask, Pretra
 
 
 def _shards(fmt: str) -> ShardSet:
-    return ShardSet(Path("/data/split"), [("/data/split/x-000000.tar", 4)], 4, 16, fmt)
+    return ShardSet(Path("/data/split"), [("/data/split/x-000000.tar", 4)], 4, 128, fmt)
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,9 @@ def _loss_line(name: str, result: dict[str, Any]) -> str:
     )
 
 
-_ANY_SIZE = ("resnet3d", "medicalnet")  # convolutional baselines take any input side
+# Models whose input side is not fixed by model.vision.img_size: convolutional ones, and the
+# text-only BERT baseline.
+_ANY_SIZE = ("fusion", "resnet3d", "medicalnet", "bert")
 
 
 class Task:
@@ -100,12 +102,17 @@ class Task:
                 f"shards; this split is {shards.format}"
             )
         size = self.cfg.model.vision.img_size
-        if shards.size is not None and shards.size != size and self.cfg.model.arch not in _ANY_SIZE:
+        if shards.size is not None and shards.size != size and self._fixed_size:
             raise ValueError(
                 f"model.vision.img_size={size}, but {shards.folder}/manifest.json has "
                 f"{SIZE_KEYS[shards.format]}={shards.size}: set model.vision.img_size="
                 f"{shards.size} or write shards of side {size}"
             )
+
+    @property
+    def _fixed_size(self) -> bool:
+        m = self.cfg.model
+        return m.arch not in _ANY_SIZE and not (m.arch == "alifuse" and m.image_tower == "none")
 
     def check_settings(self) -> None:
         """Raises ValueError for settings this task cannot honour (before anything is built)."""
