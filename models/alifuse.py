@@ -64,7 +64,14 @@ from models.baselines import BaselineConfig, build_baseline
 from models.fusion import FusionConfig, build_fusion_model
 from models.heads import MultiLabelConfig, MultiLabelModel
 from models.llama_text import LlamaTextConfig, LlamaTower, build_llama_tower
-from models.losses import ClipLoss, PairwiseClipLoss, classification_loss, mlm_loss
+from models.losses import (
+    ClipLoss,
+    MarginLoss,
+    PairwiseClipLoss,
+    classification_loss,
+    infonce,
+    mlm_loss,
+)
 from models.mae import MAEDecoder, mae_loss, patchify
 from models.pooling import AttentionPoolConfig, build_attention_pool
 from models.text import TextConfig, TextTower, build_text_tower, load_tokenizer, local_checkpoint
@@ -126,6 +133,11 @@ class AlifuseConfig:
     fusion_activation: Literal["gelu", "relu"] = "gelu"
     num_classes: int = 3
     fusion_features: Literal["grounded", "unimodal"] = "grounded"
+    # ITC criterion: symmetric InfoNCE with a learned temperature (CLIP), or the margin-based
+    # pairwise loss of the MAE + LLaMA report (eq. 1; models/losses.py: MarginLoss), whose
+    # margin is a distance between unit vectors (no temperature is learned then).
+    contrastive: Literal["infonce", "margin"] = "infonce"
+    margin: float = 1.0
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     gather_with_grad: bool = True
@@ -149,6 +161,8 @@ class AlifuseConfig:
             if value < 0 or (bound is not None and value > bound):
                 allowed = f"[0, vision.depth={bound}]" if bound is not None else ">= 0"
                 raise ValueError(f"{name}={value}: expected 'all' or a value in {allowed}")
+        if not 0.0 < self.margin <= 2.0:
+            raise ValueError(f"margin={self.margin}: expected a value in (0, 2] (unit vectors)")
         if self.init_temperature <= 0:
             raise ValueError(f"init_temperature={self.init_temperature}: expected > 0")
         if self.max_logit_scale < 1.0 / self.init_temperature:
@@ -309,8 +323,13 @@ class AlifuseModel(nn.Module):
                 nn.Linear(d_img, cfg.embed_dim) if self.attention_pool is None else nn.Identity()
             )
             self.text_proj = nn.Linear(d_txt, cfg.embed_dim)
-            # Shape [1], not a scalar: DeepSpeed cannot flatten 0-dim parameters.
-            self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
+            if cfg.contrastive == "infonce":
+                # Shape [1], not a scalar: DeepSpeed cannot flatten 0-dim parameters.
+                self.logit_scale = nn.Parameter(
+                    torch.full((1,), math.log(1 / cfg.init_temperature))
+                )
+            else:  # the margin loss compares distances: no temperature to learn
+                self.register_parameter("logit_scale", None)
         else:
             self.image_proj, self.text_proj = nn.Identity(), nn.Identity()
             self.register_parameter("logit_scale", None)
@@ -354,8 +373,13 @@ class AlifuseModel(nn.Module):
         self.fusion_head.apply(init_vit_weights)
         if self.attention_pool is not None:
             self.attention_pool.apply(init_vit_weights)
-        self.clip_loss = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
-        self.pair_loss = PairwiseClipLoss(gather_with_grad=cfg.gather_with_grad)
+        criterion = MarginLoss(cfg.margin) if cfg.contrastive == "margin" else infonce
+        self.clip_loss = ClipLoss(
+            local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, criterion=criterion
+        )
+        self.pair_loss = PairwiseClipLoss(
+            gather_with_grad=cfg.gather_with_grad, criterion=criterion
+        )
         if text_tower is not None and not (
             self.use_itc or self.use_mlm or self.use_cls or len(self.image_cross)
         ):
@@ -426,7 +450,9 @@ class AlifuseModel(nn.Module):
         )
 
     def scale(self) -> Tensor:
-        """exp(logit_scale) clamped to max_logit_scale, shape (1,)."""
+        """exp(logit_scale) clamped to max_logit_scale, shape (1,); 1 for the margin loss."""
+        if self.logit_scale is None:
+            return torch.ones(1, device=self.text_proj.weight.device)
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
     def image_state(self, image_tokens: Tensor) -> dict[str, Tensor]:
@@ -634,9 +660,13 @@ def build_model(cfg: AlifuseConfig, device: str | torch.device | None = None) ->
     `device` is where a 4-bit LLaMA tower is quantized at load time (None: where it loads).
     """
     if cfg.arch == "fusion":
-        folder = local_checkpoint(cfg.text.checkpoint, "text.checkpoint", "a tokenizer")
-        tokenizer = load_tokenizer(folder, "text.checkpoint")
-        return build_fusion_model(cfg.fusion, cfg.num_classes, cfg.cls_weight, tokenizer)
+        tokenizer = None
+        if "rnn" in cfg.fusion.branches:
+            folder = local_checkpoint(cfg.text.checkpoint, "text.checkpoint", "a tokenizer")
+            tokenizer = load_tokenizer(folder, "text.checkpoint")
+        return build_fusion_model(
+            cfg.fusion, cfg.num_classes, cfg.cls_weight, tokenizer, cfg.vision
+        )
     if cfg.arch in BASELINE_ARCHS:
         return build_baseline(
             cfg.arch, cfg.baseline, cfg.vision, cfg.text, cfg.num_classes, cfg.cls_weight

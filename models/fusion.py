@@ -1,21 +1,29 @@
-"""Multimodal fusion classifier: a ResNet-style CNN on the image, a recurrent encoder on the
-report / clinical text, and one of three ways of fusing them, then an MLP over classes.
+"""Multimodal fusion classifier (seed 002): up to three branches, one of three ways of fusing
+them, then an MLP over classes.
 
-    image (B, C, *spatial) -> CnnEncoder.forward_features -> image tokens (B, N, Ci)
-    input_ids, attention_mask (B, L) -> RnnTextEncoder.forward_features -> text states (B, L, Ht)
-    (image tokens, text states, mask) -> fusion -> fused (B, F) -> head -> logits (B, classes)
+    image (B, C, *spatial) -> CnnEncoder.forward_features -> cnn tokens (B, N, Ci)   [cnn]
+    image -> VisionTransformer.forward_features -> vit tokens (B, 1 + N, Dv)         [vit]
+    input_ids, attention_mask (B, L) -> RnnTextEncoder.forward_features -> (B, L, Ht) [rnn]
+    {branch: tokens} -> fusion -> fused (B, F) -> head -> logits (B, classes)
+
+`FusionConfig.branches` picks any non-empty set: one branch is a single-modality baseline
+(the paper's CNN, RNN and Transformer rows), two are an ablation (N_CNN, N_RNN,
+N_Transformer: the model without that branch), three the full model.
 
 Fusion modes (`FusionConfig.mode`):
 
-- early: both token sets projected to `dim`, tagged with a learned modality embedding,
+- early: every branch's tokens projected to `dim`, tagged with a learned branch embedding,
   concatenated after a CLS token and run through `depth` shared transformer blocks (padded
   text tokens are masked out as keys); the CLS output is the fused feature, F = dim.
-- late: the pooled image feature (global average) and the pooled text feature (masked mean)
-  concatenated, F = Ci + Ht: the same fusion head as Alifuse's.
-- intermediate: both token sets projected to `dim`, then `depth` rounds in which image tokens
-  attend to text tokens and text tokens attend to image tokens (the project's `CrossBlock`,
-  both directions reading the other stream of the previous round); each stream pooled and
-  concatenated, F = 2 * dim.
+- late: every branch pooled to one vector (image: the mean of its tokens; text: the masked
+  mean), combined by `combine`: concat (F = the sum of widths: the same fusion head as
+  Alifuse's), weighted_sum (projected to `dim`, learned softmax weights, F = dim) or
+  attention (projected to `dim` as tokens, a learned fusion token attends over them,
+  F = dim): the paper's "direct splicing", "weighted summation" and "attention mechanism".
+- intermediate: every branch's tokens projected to `dim`, then `depth` rounds in which each
+  branch's tokens attend to the other branches' tokens (the project's `CrossBlock`, every
+  stream reading the others of the previous round); each stream pooled and concatenated,
+  F = branches * dim.
 
 CNN tokens carry no position embedding: the convolutions' receptive fields and zero padding
 already encode where a feature is, and every mode pools or attends without needing order.
@@ -36,8 +44,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.attention import Block, CrossBlock, init_vit_weights
+from models.attention import Attention, Block, CrossBlock, init_vit_weights
 from models.losses import classification_loss
+from models.vit import VisionConfig, VisionTransformer
 
 # ---- configs --------------------------------------------------------------------------------
 
@@ -112,7 +121,13 @@ class FusionConfig:
 
     image: CnnConfig = field(default_factory=CnnConfig)
     text: RnnTextConfig = field(default_factory=RnnTextConfig)
+    # The branches (seed 002): cnn (spatial features of the image), vit (patch tokens of the
+    # image through model.vision's ViT: global features), rnn (the text); any non-empty set.
+    branches: list[str] = field(default_factory=lambda: ["cnn", "rnn"])
     mode: Literal["early", "late", "intermediate"] = "intermediate"
+    # late mode: how the pooled branch features combine (concat, learned weighted sum, or a
+    # fusion token attending over them).
+    combine: Literal["concat", "weighted_sum", "attention"] = "concat"
     dim: int = 256  # shared width of early / intermediate fusion
     num_heads: int = 8
     depth: int = 2  # transformer blocks (early) or cross-attention rounds (intermediate)
@@ -126,6 +141,23 @@ class FusionConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
         if self.dim % self.num_heads != 0:
             raise ValueError(f"num_heads={self.num_heads}: expected a divisor of dim={self.dim}")
+        known = ("cnn", "vit", "rnn")
+        if (
+            not self.branches
+            or any(b not in known for b in self.branches)
+            or len(set(self.branches)) != len(self.branches)
+        ):
+            raise ValueError(
+                f"branches={self.branches}: expected a non-empty list of distinct names from "
+                f"{list(known)}"
+            )
+        if self.combine != "concat" and self.mode != "late":
+            raise ValueError(f"combine={self.combine}: only with mode=late (mode={self.mode})")
+        if self.mode == "intermediate" and len(self.branches) < 2:
+            raise ValueError(
+                f"mode=intermediate needs two branches or more (branches={self.branches}); use "
+                "early or late for one"
+            )
         min_depth = 0 if self.mode == "late" else 1
         if self.depth < min_depth:
             raise ValueError(f"depth={self.depth}: expected >= {min_depth} with mode={self.mode}")
@@ -321,86 +353,143 @@ class RnnTextEncoder(nn.Module):
 
 # ---- fusion ---------------------------------------------------------------------------------
 
+# A branch's output: tokens (B, T, D) and, for text, the (B, T) padding mask (None: all real).
+Stream = tuple[Tensor, "Tensor | None"]
+
+
+def pool_stream(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, T, D) -> (B, D): the mean over real tokens."""
+    return tokens.mean(1) if mask is None else masked_mean(tokens, mask)
+
 
 class EarlyFusion(nn.Module):
-    """[CLS, image tokens, text tokens] in `dim` through shared blocks -> CLS (B, dim)."""
+    """[CLS, branch tokens...] in `dim` through shared blocks -> CLS (B, dim). Each branch's
+    tokens are projected to `dim` and tagged with a learned branch embedding."""
 
-    def __init__(self, image_dim: int, text_dim: int, cfg: FusionConfig) -> None:
+    def __init__(self, dims: dict[str, int], cfg: FusionConfig) -> None:
         super().__init__()
         self.out_dim = cfg.dim
-        self.image_proj = nn.Linear(image_dim, cfg.dim)
-        self.text_proj = nn.Linear(text_dim, cfg.dim)
+        self.proj = nn.ModuleDict({b: nn.Linear(d, cfg.dim) for b, d in dims.items()})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.image_type = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.text_type = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.branch_type = nn.ParameterDict(
+            {b: nn.Parameter(torch.zeros(1, 1, cfg.dim)) for b in dims}
+        )
         self.blocks = nn.ModuleList(
             Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.apply(init_vit_weights)
-        for p in (self.cls_token, self.image_type, self.text_type):
+        nn.init.normal_(self.cls_token, std=0.02)
+        for p in self.branch_type.values():
             nn.init.normal_(p, std=0.02)
 
-    def forward(self, image_tokens: Tensor, text_states: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, N, Ci), (B, L, Ht), (B, L) -> (B, dim)."""
-        img = self.image_proj(image_tokens) + self.image_type  # (B, N, dim)
-        txt = self.text_proj(text_states) + self.text_type  # (B, L, dim)
-        cls = self.cls_token.expand(img.shape[0], -1, -1)
-        x = torch.cat([cls, img, txt], dim=1)  # (B, 1 + N + L, dim)
-        keep = torch.cat(
-            [attention_mask.new_ones(img.shape[0], 1 + img.shape[1]), attention_mask], dim=1
-        ).bool()  # (B, 1 + N + L)
+    def forward(self, streams: dict[str, Stream]) -> Tensor:
+        """{branch: (tokens (B, T, D), mask or None)} -> (B, dim)."""
+        first = next(iter(streams.values()))[0]
+        parts = [self.cls_token.expand(first.shape[0], -1, -1)]
+        keep = [first.new_ones(first.shape[0], 1, dtype=torch.bool)]
+        for b, (tokens, mask) in streams.items():
+            parts.append(self.proj[b](tokens) + self.branch_type[b])
+            keep.append(
+                tokens.new_ones(tokens.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+            )
+        x, keep_all = torch.cat(parts, dim=1), torch.cat(keep, dim=1)
         for block in self.blocks:
-            x = block(x, keep)
+            x = block(x, keep_all)
         return self.norm(x[:, 0])
 
 
 class LateFusion(nn.Module):
-    """[global-average image feature, masked-mean text feature] -> (B, Ci + Ht)."""
+    """Each branch pooled to one vector (image tokens: mean; text: masked mean), then combined
+    (`FusionConfig.combine`):
 
-    def __init__(self, image_dim: int, text_dim: int, cfg: FusionConfig) -> None:
+    - concat: [pooled branches] -> (B, sum of widths): the same fusion head as Alifuse's;
+    - weighted_sum: each projected to `dim`, summed with learned softmax weights -> (B, dim);
+    - attention: each projected to `dim` (+ a branch embedding) as one token; a learned fusion
+      token attends over them (multi-head cross-attention) -> (B, dim).
+    """
+
+    def __init__(self, dims: dict[str, int], cfg: FusionConfig) -> None:
         super().__init__()
-        self.out_dim = image_dim + text_dim
+        self.combine = cfg.combine
+        if self.combine == "concat":
+            self.out_dim = sum(dims.values())
+            return
+        self.out_dim = cfg.dim
+        self.proj = nn.ModuleDict({b: nn.Linear(d, cfg.dim) for b, d in dims.items()})
+        if self.combine == "weighted_sum":
+            self.branch_logits = nn.Parameter(torch.zeros(len(dims)))  # equal weights at start
+        else:
+            self.fusion_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+            self.branch_type = nn.Parameter(torch.zeros(1, len(dims), cfg.dim))
+            self.norm_context = nn.LayerNorm(cfg.dim, eps=1e-6)
+            self.attn = Attention(cfg.dim, cfg.num_heads, context_dim=cfg.dim)
+            self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.apply(init_vit_weights)
+        if self.combine == "attention":
+            nn.init.normal_(self.fusion_token, std=0.02)
+            nn.init.normal_(self.branch_type, std=0.02)
 
-    def forward(self, image_tokens: Tensor, text_states: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, N, Ci), (B, L, Ht), (B, L) -> (B, Ci + Ht)."""
-        return torch.cat([image_tokens.mean(1), masked_mean(text_states, attention_mask)], -1)
+    def branch_weights(self) -> Tensor:
+        """weighted_sum: the branches' weights (n,), summing to 1."""
+        return self.branch_logits.softmax(0)
+
+    def forward(self, streams: dict[str, Stream]) -> Tensor:
+        """{branch: (tokens, mask or None)} -> (B, out_dim)."""
+        pooled = {b: pool_stream(t, m) for b, (t, m) in streams.items()}
+        if self.combine == "concat":
+            return torch.cat(list(pooled.values()), dim=-1)
+        projected = torch.stack([self.proj[b](v) for b, v in pooled.items()], dim=1)  # (B, n, dim)
+        if self.combine == "weighted_sum":
+            return (self.branch_weights()[None, :, None] * projected).sum(1)
+        context = self.norm_context(projected + self.branch_type)
+        query = self.fusion_token.expand(projected.shape[0], -1, -1)
+        return self.norm(query + self.attn(query, context))[:, 0]
 
 
 class IntermediateFusion(nn.Module):
-    """Image and text tokens in `dim` attend to each other for `depth` rounds, then pooled
-    and concatenated -> (B, 2 * dim).
+    """Every branch's tokens, projected to `dim`, attend to the other branches' tokens for
+    `depth` rounds (the project's `CrossBlock`; each round reads the previous round's
+    streams), then each stream is pooled and the results concatenated -> (B, n * dim).
 
     The CrossBlocks' gates start at zero (see `CrossBlock`): at initialisation this is late
     fusion of the projected tokens, and cross-modal exchange opens as training asks for it.
     """
 
-    def __init__(self, image_dim: int, text_dim: int, cfg: FusionConfig) -> None:
+    def __init__(self, dims: dict[str, int], cfg: FusionConfig) -> None:
         super().__init__()
-        self.out_dim = 2 * cfg.dim
-        self.image_proj = nn.Linear(image_dim, cfg.dim)
-        self.text_proj = nn.Linear(text_dim, cfg.dim)
-        self.image_cross = nn.ModuleList(  # image queries, text keys and values
-            CrossBlock(cfg.dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio) for _ in range(cfg.depth)
+        self.out_dim = len(dims) * cfg.dim
+        self.proj = nn.ModuleDict({b: nn.Linear(d, cfg.dim) for b, d in dims.items()})
+        self.cross = nn.ModuleDict(  # branch queries; the other branches' keys and values
+            {
+                b: nn.ModuleList(
+                    CrossBlock(cfg.dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
+                    for _ in range(cfg.depth)
+                )
+                for b in dims
+            }
         )
-        self.text_cross = nn.ModuleList(  # text queries, image keys and values
-            CrossBlock(cfg.dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio) for _ in range(cfg.depth)
-        )
-        self.image_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.text_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.norm = nn.ModuleDict({b: nn.LayerNorm(cfg.dim, eps=1e-6) for b in dims})
         self.apply(init_vit_weights)
 
-    def forward(self, image_tokens: Tensor, text_states: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, N, Ci), (B, L, Ht), (B, L) -> (B, 2 * dim)."""
-        img = self.image_proj(image_tokens)  # (B, N, dim)
-        txt = self.text_proj(text_states)  # (B, L, dim)
-        keep = attention_mask.bool()
-        for image_cross, text_cross in zip(self.image_cross, self.text_cross, strict=True):
+    def forward(self, streams: dict[str, Stream]) -> Tensor:
+        """{branch: (tokens, mask or None)} -> (B, n * dim)."""
+        x = {b: self.proj[b](t) for b, (t, _) in streams.items()}
+        keep = {
+            b: t.new_ones(t.shape[:2], dtype=torch.bool) if m is None else m.bool()
+            for b, (t, m) in streams.items()
+        }
+        for r in range(len(next(iter(self.cross.values())))):
             # Padded text rows are queries too, but masked out as keys and in the pooling.
-            img, txt = image_cross(img, txt, keep), text_cross(txt, img)
-        pooled_img = self.image_norm(img).mean(1)
-        pooled_txt = masked_mean(self.text_norm(txt), attention_mask)
-        return torch.cat([pooled_img, pooled_txt], dim=-1)
+            x = {
+                b: self.cross[b][r](
+                    x[b],
+                    torch.cat([x[o] for o in x if o != b], dim=1),
+                    torch.cat([keep[o] for o in x if o != b], dim=1),
+                )
+                for b in x
+            }
+        return torch.cat([pool_stream(self.norm[b](x[b]), streams[b][1]) for b in x], dim=-1)
 
 
 FUSIONS: dict[str, type[nn.Module]] = {
@@ -414,12 +503,19 @@ FUSIONS: dict[str, type[nn.Module]] = {
 
 
 class FusionModel(nn.Module):
-    """Image + text -> class. Parts: `image` (CnnEncoder), `text` (RnnTextEncoder), `fusion`
-    (the configured mode's module), `head` (MLP over the fused feature). `tokenizer` is what
-    the reader tokenizes the texts with (its ids index the RNN's embedding)."""
+    """Image (+ text) -> class. Branches (`FusionConfig.branches`): `image` (CnnEncoder,
+    spatial features), `vit` (VisionTransformer, patch tokens and CLS: global features),
+    `text` (RnnTextEncoder); `fusion` (the configured mode's module), `head` (MLP over the
+    fused feature). `tokenizer` is what the reader tokenizes the texts with (its ids index
+    the RNN's embedding); None without a text branch (the batches then carry no text)."""
 
     def __init__(
-        self, cfg: FusionConfig, num_classes: int, cls_weight: float = 1.0, tokenizer: Any = None
+        self,
+        cfg: FusionConfig,
+        num_classes: int,
+        cls_weight: float = 1.0,
+        tokenizer: Any = None,
+        vision: VisionConfig | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -428,10 +524,23 @@ class FusionModel(nn.Module):
             raise ValueError(f"cls_weight={cls_weight}: expected > 0 (the only objective)")
         self.cfg = cfg
         self.cls_weight = cls_weight
-        self.tokenizer = tokenizer
-        self.image = CnnEncoder(cfg.image)
-        self.text = RnnTextEncoder(cfg.text)
-        self.fusion = FUSIONS[cfg.mode](self.image.num_features, self.text.out_dim, cfg)
+        self.branches = list(cfg.branches)
+        self.tokenizer = tokenizer if "rnn" in self.branches else None
+        dims = {}
+        self.image = self.vit = self.text = None
+        for branch in self.branches:
+            if branch == "cnn":
+                self.image = CnnEncoder(cfg.image)
+                dims["cnn"] = self.image.num_features
+            elif branch == "vit":
+                if vision is None:
+                    raise ValueError("fusion.branches has vit: pass the model.vision settings")
+                self.vit = VisionTransformer(vision)
+                dims["vit"] = vision.embed_dim
+            else:
+                self.text = RnnTextEncoder(cfg.text)
+                dims["rnn"] = self.text.out_dim
+        self.fusion = FUSIONS[cfg.mode](dims, cfg)
         self.head = nn.Sequential(
             nn.Linear(self.fusion.out_dim, cfg.hidden),
             nn.GELU(),
@@ -440,37 +549,66 @@ class FusionModel(nn.Module):
         )
         self.head.apply(init_vit_weights)
 
-    def forward_logits(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def streams(
+        self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> dict[str, Stream]:
+        """Every branch's tokens, in `branches` order."""
+        out: dict[str, Stream] = {}
+        for branch in self.branches:
+            if branch == "cnn":
+                out["cnn"] = (self.image.forward_features(image), None)  # (B, N, Ci)
+            elif branch == "vit":
+                out["vit"] = (self.vit.forward_features(image), None)  # (B, 1 + N, Dv)
+            else:
+                out["rnn"] = (self.text.forward_features(input_ids, attention_mask), attention_mask)
+        return out
+
+    def forward_logits(
+        self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """image (B, C, *spatial), input_ids and attention_mask (B, L) -> logits (B, classes)."""
-        image_tokens = self.image.forward_features(image)  # (B, N, Ci)
-        text_states = self.text.forward_features(input_ids, attention_mask)  # (B, L, Ht)
-        return self.head(self.fusion(image_tokens, text_states, attention_mask))
+        return self.head(self.fusion(self.streams(image, input_ids, attention_mask)))
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """batch: image (B, C, *spatial), input_ids (B, L), attention_mask (B, L), label (B,);
-        other keys are ignored. -> cls_loss (cross-entropy times cls_weight), logits (B, K)."""
-        logits = self.forward_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
+        """batch: image (B, C, *spatial), input_ids (B, L) and attention_mask (B, L) with a text
+        branch, label (B,); other keys are ignored. -> cls_loss (cross-entropy times
+        cls_weight), logits (B, K)."""
+        logits = self.forward_logits(
+            batch["image"], batch.get("input_ids"), batch.get("attention_mask")
+        )
         loss = classification_loss(logits, batch["label"], batch.get("binary"))
         return {"cls_loss": self.cls_weight * loss, "logits": logits}
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names kept out of weight decay: tokens, modality embeddings, norms, biases,
-        gates."""
-        named = {"fusion.cls_token", "fusion.image_type", "fusion.text_type"}
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in named}
+        """Parameter names kept out of weight decay: tokens, branch embeddings, norms, biases,
+        gates, the branch weights."""
+        return {
+            n
+            for n, p in self.named_parameters()
+            if p.ndim <= 1
+            or "cls_token" in n
+            or "branch_type" in n
+            or "fusion_token" in n
+            or n.endswith("pos_embed")
+        }
 
 
 def build_fusion_model(
-    cfg: FusionConfig, num_classes: int, cls_weight: float, tokenizer: Any
+    cfg: FusionConfig,
+    num_classes: int,
+    cls_weight: float,
+    tokenizer: Any,
+    vision: VisionConfig | None = None,
 ) -> FusionModel:
     """The fusion classifier for a tokenizer: `text.vocab_size` 0 becomes the tokenizer's size;
     a smaller explicit vocabulary than the tokenizer's is an error (ids would overflow)."""
-    size = len(tokenizer)
-    vocab = cfg.text.vocab_size or size
-    if vocab < size:
-        raise ValueError(
-            f"fusion.text.vocab_size={vocab}: the tokenizer has {size} tokens; use 0 (the "
-            "tokenizer's size) or a larger value"
-        )
-    cfg = replace(cfg, text=replace(cfg.text, vocab_size=vocab))
-    return FusionModel(cfg, num_classes, cls_weight, tokenizer)
+    if "rnn" in cfg.branches:
+        size = len(tokenizer)
+        vocab = cfg.text.vocab_size or size
+        if vocab < size:
+            raise ValueError(
+                f"fusion.text.vocab_size={vocab}: the tokenizer has {size} tokens; use 0 (the "
+                "tokenizer's size) or a larger value"
+            )
+        cfg = replace(cfg, text=replace(cfg.text, vocab_size=vocab))
+    return FusionModel(cfg, num_classes, cls_weight, tokenizer, vision)

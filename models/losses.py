@@ -11,6 +11,51 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def infonce(per_image: Tensor, per_text: Tensor, labels: Tensor) -> Tensor:
+    """Symmetric InfoNCE: rows (b, B) of scaled image -> text and text -> image scores, and
+    the column of each row's positive."""
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
+class MarginLoss:
+    """The margin-based pairwise contrastive loss (Hadsell et al.; eq. (1) of the MAE + LLaMA
+    chest X-ray report), on L2-normalised embeddings f (image) and g (text):
+
+        L = mean over positive pairs  ||f_i - g_i||^2
+          + mean over negative pairs  max(0, margin - ||f_i - g_j||)^2
+
+    Pairs within a batch: image i and its own report are the positive pair; image i and every
+    other report of the batch (the global batch across ranks, as in `ClipLoss`) are negatives,
+    and so are report i and every other image. Called like `infonce` with rows of *cosine
+    similarities* (logit scale 1): for unit vectors ||f - g||^2 = 2 - 2 cos. The two means are
+    taken separately (B positives against B(B - 1) negatives would otherwise drown the
+    positives), and the loss is averaged over both directions. Rows of a rank's share give
+    the rank's part; the mean over ranks equals the single-process loss on the whole batch.
+    """
+
+    def __init__(self, margin: float) -> None:
+        if not 0.0 < margin <= 2.0:
+            raise ValueError(f"margin={margin}: expected a value in (0, 2] (unit-vector distances)")
+        self.margin = margin
+
+    def one_way(self, sim: Tensor, labels: Tensor) -> Tensor:
+        if sim.dtype in (torch.float16, torch.bfloat16):
+            sim = sim.float()
+        sq = (2.0 - 2.0 * sim).clamp(min=0.0)  # squared distances (b, B)
+        positive = torch.zeros_like(sq, dtype=torch.bool)
+        positive[torch.arange(sq.shape[0], device=sq.device), labels] = True
+        pos = sq[positive].mean()
+        neg = sq[~positive]
+        if neg.numel() == 0:  # a batch of one pair has no negative
+            return pos
+        # sqrt of 0 has no gradient: a pair at distance 0 is far inside the hinge anyway
+        dist = neg.clamp(min=1e-12).sqrt()
+        return pos + F.relu(self.margin - dist).pow(2).mean()
+
+    def __call__(self, per_image: Tensor, per_text: Tensor, labels: Tensor) -> Tensor:
+        return (self.one_way(per_image, labels) + self.one_way(per_text, labels)) / 2
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -59,10 +104,16 @@ class ClipLoss(nn.Module):
       default, but not the full-batch gradient.
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True) -> None:
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        criterion: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.criterion = criterion or infonce
 
     def logits(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor
@@ -87,7 +138,7 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
         per_image, per_text, labels = self.logits(image_features, text_features, logit_scale)
-        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+        return self.criterion(per_image, per_text, labels)
 
 
 class PairwiseClipLoss(nn.Module):
@@ -106,9 +157,14 @@ class PairwiseClipLoss(nn.Module):
     concatenated batch. In one process it is one (b, b) matrix read both ways.
     """
 
-    def __init__(self, gather_with_grad: bool = True) -> None:
+    def __init__(
+        self,
+        gather_with_grad: bool = True,
+        criterion: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.gather_with_grad = gather_with_grad
+        self.criterion = criterion or infonce
 
     def _gather(self, state: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
         return {
@@ -128,12 +184,12 @@ class PairwiseClipLoss(nn.Module):
         if world == 1:
             per_image = score(image_state, text_state)  # (b, b)
             labels = torch.arange(per_image.shape[0], device=per_image.device)
-            return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_image.T, labels)) / 2
+            return self.criterion(per_image, per_image.T, labels)
         per_image = score(image_state, self._gather(text_state, rank, world))  # (b, B)
         per_text = score(self._gather(image_state, rank, world), text_state).T  # (b, B)
         b = per_image.shape[0]
         labels = torch.arange(b, device=per_image.device) + rank * b
-        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+        return self.criterion(per_image, per_text, labels)
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -135,6 +135,10 @@ class DataConfig:
     # larger one's (shards.splits.label_fraction_indices). Validation and test are untouched.
     label_fraction: float = 1.0
     label_fraction_seed: int = 0
+    # Text around every report / clinical text before tokenizing, with {text} where the text
+    # goes (e.g. "{text} This report in one word:"; the MAE + LLaMA report appends a prompt to
+    # every report). "" = the text as stored. Zero-shot label prompts get the same template.
+    prompt_template: str = ""
     # Every shard a run reads is checked against its manifest sha256 before training (each
     # rank hashes its share; a result is cached in the run folder by file size and mtime, so a
     # resume re-hashes nothing unchanged); "off" trusts the files. See docs/RELIABILITY.md.
@@ -147,6 +151,11 @@ class DataConfig:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if self.prompt_template and self.prompt_template.count("{text}") != 1:
+            raise ValueError(
+                f"prompt_template={self.prompt_template!r}: expected {{text}} exactly once "
+                "(where the report goes), or an empty string"
+            )
         if self.max_failures_in_row < 1:
             raise ValueError(f"max_failures_in_row={self.max_failures_in_row}: expected >= 1")
         if self.num_workers < 0:
@@ -161,6 +170,10 @@ class DataConfig:
                     f"extra_splits has a split named {name!r}: expected a name other than "
                     "train, val and test (those have keys of their own)"
                 )
+
+    def prompted(self, text: str) -> str:
+        """The text as tokenized: inside `prompt_template` when one is set."""
+        return self.prompt_template.replace("{text}", text) if self.prompt_template else text
 
     def split_dir(self, name: str) -> str:
         """The folder of a named split: train, val, test or a key of extra_splits."""
@@ -449,16 +462,30 @@ def decode_cxr_sample(
     }
 
 
+class _Prompted:
+    """A decoder whose samples' text is put inside `DataConfig.prompt_template` (picklable)."""
+
+    def __init__(self, decode: Callable[[dict[str, Any]], dict[str, Any]], cfg: DataConfig):
+        self.decode, self.cfg = decode, cfg
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        sample = self.decode(raw)
+        sample["text"] = self.cfg.prompted(sample["text"])
+        return sample
+
+
 def sample_decoder(shards: ShardSet, cfg: DataConfig) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """raw tar sample -> decoded sample, for the split's format (picklable for loader workers)."""
     if shards.format == CXR_FORMAT:
-        return partial(decode_cxr_sample, policy=cfg.labels, size=shards.size)
-    return partial(
-        decode_sample,
-        label_mode=cfg.label_mode,
-        clinical=cfg.clinical,
-        word_limit=shards.word_limit,
-    )
+        decode = partial(decode_cxr_sample, policy=cfg.labels, size=shards.size)
+    else:
+        decode = partial(
+            decode_sample,
+            label_mode=cfg.label_mode,
+            clinical=cfg.clinical,
+            word_limit=shards.word_limit,
+        )
+    return _Prompted(decode, cfg) if cfg.prompt_template else decode
 
 
 def _stack_images(images: list[np.ndarray]) -> torch.Tensor:

@@ -15,6 +15,7 @@ from models.fusion import (
     RnnTextEncoder,
     masked_mean,
 )
+from models.vit import VisionConfig
 
 MODES = ["early", "late", "intermediate"]
 IMG = 16  # side of the synthetic images and volumes
@@ -260,14 +261,14 @@ def test_modes_build_only_their_parts() -> None:
     assert (
         "fusion.cls_token" in names["early"] and "fusion.blocks.0.attn.qkv.weight" in names["early"]
     )
-    assert "fusion.image_cross.0.gate_attn" in names["intermediate"]
-    assert "fusion.text_cross.0.attn.kv.weight" in names["intermediate"]
+    assert "fusion.cross.cnn.0.gate_attn" in names["intermediate"]
+    assert "fusion.cross.rnn.0.attn.kv.weight" in names["intermediate"]
 
 
 def test_no_weight_decay() -> None:
     model = make_model(tiny_config("early"))
     skip = model.no_weight_decay()
-    assert {"fusion.cls_token", "fusion.image_type", "fusion.text_type"} <= skip
+    assert {"fusion.cls_token", "fusion.branch_type.cnn", "fusion.branch_type.rnn"} <= skip
     assert "fusion.norm.weight" in skip and "head.0.bias" in skip
     assert "image.stem.1.weight" in skip  # a norm scale
     assert "image.stem.0.weight" not in skip and "head.0.weight" not in skip
@@ -295,6 +296,12 @@ def test_no_weight_decay() -> None:
         (lambda: RnnTextConfig(vocab_size=-1), "vocab_size=-1"),
         (lambda: FusionModel(FusionConfig(), 2), "vocab_size=0: expected >= 1"),
         (lambda: FusionConfig(dropout=-0.1), "dropout=-0.1"),
+        (lambda: FusionConfig(branches=[]), "branches=\\[\\]"),
+        (lambda: FusionConfig(branches=["cnn", "cnn"]), "distinct names"),
+        (lambda: FusionConfig(branches=["resnet"]), "distinct names from"),
+        (lambda: FusionConfig(combine="attention"), "only with mode=late"),
+        (lambda: FusionConfig(branches=["cnn"]), "mode=intermediate needs two branches"),
+        (lambda: FusionModel(FusionConfig(branches=["vit", "cnn"]), 2), "pass the model.vision"),
     ],
 )
 def test_bad_configs_raise(build, match: str) -> None:
@@ -325,3 +332,63 @@ def test_loads_through_the_config_schema() -> None:
         from_dict(FusionConfig, {"text": {"cell": "rnn"}})
     with pytest.raises(ConfigError, match="image: blocks_per_stage"):
         from_dict(FusionConfig, {"image": {"widths": [8], "blocks_per_stage": [1, 1]}})
+
+
+# ---- seed 002: three branches, combine modes, single-branch baselines --------------------------
+
+VIT = VisionConfig(
+    spatial_dims=2, in_chans=2, img_size=IMG, patch_size=4, embed_dim=16, depth=1, num_heads=2
+)
+THREE = ["cnn", "vit", "rnn"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "combine"),
+    [
+        ("early", "concat"),
+        ("late", "concat"),
+        ("late", "weighted_sum"),
+        ("late", "attention"),
+        ("intermediate", "concat"),
+    ],
+)
+def test_three_branches_train_in_every_fusion_mode(mode: str, combine: str) -> None:
+    cfg = tiny_config(mode, branches=THREE, combine=combine)
+    torch.manual_seed(0)
+    model = FusionModel(cfg, 2, vision=VIT)
+    assert model.image is not None and model.vit is not None and model.text is not None
+    batch = separable_batch(cfg, batch_size=16, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = model(batch)["cls_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+    if combine == "weighted_sum":
+        weights = model.fusion.branch_weights()
+        assert weights.shape == (3,) and torch.isclose(weights.sum(), torch.tensor(1.0))
+        assert not torch.allclose(weights, torch.full((3,), 1 / 3))  # the weights learned
+    fused = model.fusion(model.streams(batch["image"], batch["input_ids"], batch["attention_mask"]))
+    assert fused.shape == (16, model.fusion.out_dim)
+
+
+@pytest.mark.parametrize(
+    "branches", [["cnn"], ["vit"], ["rnn"], ["vit", "rnn"], ["cnn", "rnn"], ["cnn", "vit"]]
+)
+def test_single_branch_baselines_and_ablations_hold_only_their_branches(branches) -> None:
+    cfg = tiny_config("late", branches=branches)
+    model = FusionModel(cfg, 3, vision=VIT)
+    parts = {"cnn": "image.", "vit": "vit.", "rnn": "text."}
+    names = {n for n, _ in model.named_parameters()}
+    for branch, prefix in parts.items():
+        assert any(n.startswith(prefix) for n in names) == (branch in branches), branch
+    batch = separable_batch(cfg, batch_size=4)
+    batch["label"] = torch.tensor([0, 1, 2, 1])
+    if "rnn" not in branches:  # an image-only model needs no text in its batches
+        del batch["input_ids"], batch["attention_mask"]
+        assert model.tokenizer is None
+    out = model(batch)
+    assert out["logits"].shape == (4, 3) and torch.isfinite(out["cls_loss"])

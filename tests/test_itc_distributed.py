@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from models.losses import ClipLoss, PairwiseClipLoss
+from models.losses import ClipLoss, MarginLoss, PairwiseClipLoss
 from models.pooling import AttentionPool
 
 WORLD = 2
@@ -170,3 +170,44 @@ def test_pairwise_itc_two_processes_match_one(tmp_path: Path) -> None:
     for name, param in towers.named_parameters():
         assert param.grad.abs().sum() > 0, name
         torch.testing.assert_close(got[name], param.grad, msg=name)
+
+
+def _margin_loss(towers: Towers, images, texts, clip: ClipLoss) -> torch.Tensor:
+    image = F.normalize(towers.image(images), dim=-1)
+    text = F.normalize(towers.text(texts), dim=-1)
+    return clip(image, text, torch.ones(1, dtype=image.dtype))  # cosine similarities
+
+
+def _margin_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    images, texts, state = _data()
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    towers = Towers().double()
+    towers.load_state_dict(state)
+    clip = ClipLoss(local_loss=True, criterion=MarginLoss(0.8))
+    loss = _margin_loss(towers, images[mine], texts[mine], clip)
+    loss.backward()
+    result = {"loss": loss.detach().clone()}
+    dist.all_reduce(result["loss"])
+    result["loss"] /= WORLD
+    for name in ("image.weight", "text.weight"):
+        grad = dict(towers.named_parameters())[name].grad
+        dist.all_reduce(grad)
+        result[name] = grad / WORLD
+    torch.save(result, Path(out_dir) / f"margin{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_margin_loss_two_processes_match_one(tmp_path: Path) -> None:
+    mp.spawn(_margin_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "margin0.pt")
+    images, texts, state = _data()
+    towers = Towers().double()
+    towers.load_state_dict(state)
+    loss = _margin_loss(towers, images, texts, ClipLoss(criterion=MarginLoss(0.8)))
+    loss.backward()
+    torch.testing.assert_close(got["loss"], loss.detach())
+    for name in ("image.weight", "text.weight"):
+        grad = dict(towers.named_parameters())[name].grad
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(got[name], grad, msg=name)

@@ -133,3 +133,32 @@ def test_binary_cohort_rows_train_as_nc_vs_impaired():
         classification_loss(logits, labels, torch.zeros(3, dtype=torch.bool)), plain
     )
     assert torch.allclose(classification_loss(logits, labels), plain)
+
+
+def test_margin_loss_matches_a_plain_pairwise_reference():
+    from models.losses import ClipLoss, MarginLoss
+
+    gen = torch.Generator().manual_seed(3)
+    image = F.normalize(torch.randn(5, 4, generator=gen, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(5, 4, generator=gen, dtype=torch.float64), dim=-1)
+    margin = 1.2
+
+    def one_way(a, b):  # eq. (1), pair by pair: y_ij = 1 for i == j
+        pos, neg = [], []
+        for i in range(len(a)):
+            for j in range(len(b)):
+                d = torch.linalg.vector_norm(a[i] - b[j])
+                if i == j:
+                    pos.append(d**2)
+                else:
+                    neg.append(torch.clamp(margin - d, min=0) ** 2)
+        return torch.stack(pos).mean() + torch.stack(neg).mean()
+
+    expected = (one_way(image, text) + one_way(text, image)) / 2
+    got = ClipLoss(criterion=MarginLoss(margin))(image, text, torch.ones(1, dtype=image.dtype))
+    torch.testing.assert_close(got, expected)
+    # aligned pairs far from every other pair: no loss left
+    eye = torch.eye(4, dtype=torch.float64)
+    assert ClipLoss(criterion=MarginLoss(1.0))(eye, eye, torch.ones(1)).item() == 0.0
+    with pytest.raises(ValueError, match="margin=3"):
+        MarginLoss(3)

@@ -16,7 +16,7 @@ they were trained:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -105,12 +105,15 @@ def zero_shot_metrics(
     move,
     label_names: Sequence[str],
     n_boot: int,
+    prompted: Callable[[str], str] = str,
 ) -> tuple[dict[str, Any], Tensor]:
     """Per-label zero-shot AUROC from positive / negative prompt pairs, and the probabilities
     (N, labels) it scored.
 
     `model` is the bare model (its `similarity`), `wrapped` what the accelerator prepared
     (the prompts go through its forward, which ZeRO-3 needs to gather the weights).
+    `prompted`: the data's prompt template (`DataConfig.prompted`), so label prompts are
+    embedded the way training reports were.
     """
     if emb["labels"] is None:
         raise ValueError(
@@ -119,7 +122,11 @@ def zero_shot_metrics(
         )
     pos, neg = default_prompts(label_names)
     tokens = tokenizer(
-        pos + neg, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        [prompted(text) for text in pos + neg],
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
     )
     wrapped.eval()
     prompts = wrapped(

@@ -4,7 +4,7 @@ fingerprint a resume is checked against.
 The fingerprint holds every setting that decides which samples step N+1 sees: the training
 split's manifest (its sha256, which covers every shard's sha256 and sample count), batch size,
 loader workers, world size, gradient accumulation, seed, shuffle buffer, resampling, label
-policy, label fraction, clinical-text rendering and the text length. A resume whose fingerprint
+policy, label fraction, clinical-text rendering, the prompt template and the text length. A resume whose fingerprint
 differs from the checkpoint's is refused, naming each key with its old and new value; with
 `--allow-resume-changes` it goes on and logs what changes (the sample stream is then not the
 one the checkpoint left: samples may repeat or be skipped). The data *path* is not part of it:
@@ -46,6 +46,7 @@ def data_fingerprint(cfg: Any, world_size: int) -> dict[str, Any]:
         "label_fraction": d.label_fraction,
         "label_fraction_seed": d.label_fraction_seed,
         "text_max_length": cfg.model.text_max_length,
+        "prompt_template": d.prompt_template,
     }
 
 
