@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(OUT/COHORT/), e.g. --holdout AIBL OASIS-2 MIRIAD",
     )
     parser.add_argument(
+        "--split-by",
+        choices=["subject", "scan"],
+        default="subject",
+        help="subject (default): all of a subject's visits in one split; scan: a random split "
+        "of scans (a subject's visits can then land in train and test)",
+    )
+    parser.add_argument(
         "--split-ratios",
         type=float,
         nargs=3,
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             word_limit=args.word_limit,
             holdout=args.holdout,
+            split_by=args.split_by,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"make_ad_shards: error: {exc}", file=sys.stderr)

@@ -314,6 +314,7 @@ def write_ad_shards(
     workers: int = 1,
     word_limit: int = 40,
     holdout: Sequence[str] = (),
+    split_by: str = "subject",
 ) -> dict[str, Any]:
     """Read AD sources, preprocess volumes, split by subject and write WebDataset shards.
 
@@ -324,7 +325,12 @@ def write_ad_shards(
     of its own, <out>/<cohort>/ (the paper's zero-shot cohorts: AIBL, OASIS-2, MIRIAD).
     Narrative summaries are cut to ``word_limit`` words (the paper: 40); the manifests record
     it, so the reader can render the text again from the stored fields.
+    ``split_by="scan"`` splits scans at random (stratified by cohort and diagnosis) instead of
+    subjects, as a random 70/15/15 split of a dataset does: one subject's visits then land on
+    both sides (the report counts them, and a warning says so). Subject-wise is the default.
     """
+    if split_by not in ("subject", "scan"):
+        raise ValueError(f"split_by={split_by!r}: expected 'subject' or 'scan'")
     if size < 2:
         raise ValueError(f"size must be >= 2, got {size}")
     if samples_per_shard < 1:
@@ -337,14 +343,35 @@ def write_ad_shards(
     kept, rejects, records_in, stats = _collect(sources, word_limit)
     holdout = _check_holdout(holdout, {rec.cohort for rec, _ in kept})
     pooled = [(rec, text) for rec, text in kept if rec.cohort not in holdout]
-    splits = assign_splits(subject_strata(rec for rec, _ in pooled), ratios, seed)
-    for rec, _ in kept:
+    if split_by == "scan":
+        strata = {
+            (rec.cohort, rec.subject, rec.image_id): (rec.cohort, rec.diagnosis)
+            for rec, _ in pooled
+        }
+        by_scan = assign_splits(strata, ratios, seed)
+    else:
+        by_subject = assign_splits(subject_strata(rec for rec, _ in pooled), ratios, seed)
+
+    def split_of(rec: AdRecord) -> str:
         if rec.cohort in holdout:
-            splits[(rec.cohort, rec.subject)] = rec.cohort
+            return rec.cohort
+        if split_by == "scan":
+            return by_scan[(rec.cohort, rec.subject, rec.image_id)]
+        return by_subject[(rec.cohort, rec.subject)]
+
     names = (*SPLITS, *holdout)
     by_split: dict[str, list[tuple[AdRecord, str]]] = {s: [] for s in names}
+    sides: dict[tuple[str, str], set[str]] = {}
     for rec, text in kept:
-        by_split[splits[(rec.cohort, rec.subject)]].append((rec, text))
+        by_split[split_of(rec)].append((rec, text))
+        sides.setdefault((rec.cohort, rec.subject), set()).add(split_of(rec))
+    across = sum(1 for s in sides.values() if len(s) > 1)
+    if across:
+        log.warning(
+            "split_by=scan: %d subjects have scans in more than one split (their visits are "
+            "not independent: test scores are optimistic)",
+            across,
+        )
     log.info("%d records in, %d rejected before reading volumes", records_in, len(rejects))
 
     manifests = {
@@ -365,7 +392,7 @@ def write_ad_shards(
 
     written = {split: manifests[split]["num_samples"] for split in names}
     written["total"] = sum(written.values())
-    subjects = Counter(splits.values())
+    subjects = Counter(split for s in sides.values() for split in s)
     report: dict[str, Any] = {
         "format": FORMAT,
         "out_dir": str(out),
@@ -376,6 +403,8 @@ def write_ad_shards(
         "written": written,
         "rejected": {"total": len(rejects), "by_reason": dict(Counter(r.reason for r in rejects))},
         "subjects": {split: subjects.get(split, 0) for split in names},
+        "split_by": split_by,
+        "subjects_in_several_splits": across,
         "holdout": list(holdout),
         "word_limit": word_limit,
         "source_stats": stats,
