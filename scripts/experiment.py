@@ -2,6 +2,8 @@
 
     python scripts/experiment.py alifuse-table2 --quick          # every row, tiny, minutes
     python scripts/experiment.py alifuse-table3                  # synthetic cohort, CPU size
+    python scripts/experiment.py mae-llama-table1 --quick        # seed 001's Table 1
+    python scripts/experiment.py fusion-table1 --quick           # seed 002's Table I + Fig. 4
     python scripts/experiment.py alifuse-table2 --size paper \\
         --shards data/ad_shards --text-checkpoint /models/bert-base-uncased \\
         --launcher "accelerate launch --num_processes 8 --use_deepspeed --zero_stage 2"
@@ -26,20 +28,26 @@ from pathlib import Path
 if importlib.util.find_spec("trainer") is None:  # running from a checkout without pip install -e
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.alifuse_tables import EXPERIMENTS, SIZES, prepare_data, shared_overrides  # noqa: E402
+from trainer.alifuse_tables import SUITE as ALIFUSE  # noqa: E402
+from trainer.cxr_tables import SUITE as MAE_LLAMA  # noqa: E402
 from trainer.experiment import finite_table, run_experiment  # noqa: E402
+from trainer.fusion_tables import SUITE as FUSION  # noqa: E402
+
+SUITES = {name: suite for suite in (ALIFUSE, MAE_LLAMA, FUSION) for name in suite.experiments}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("experiment", choices=sorted(SUITES))
     parser.add_argument("--quick", action="store_true", help="the same as --size quick")
-    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--size", default="default", help="quick, default or paper")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--shards", type=Path, help="your shard folder (train/ val/ test/ ...)")
-    parser.add_argument("--text-checkpoint", type=Path, help="your local BERT folder")
+    parser.add_argument(
+        "--text-checkpoint", type=Path, help="your local text tower folder (BERT / LLaMA)"
+    )
     parser.add_argument("--medicalnet", default="", help="a local MedicalNet resnet_50.pth")
     parser.add_argument(
         "--launcher", default="", help='run each row under this, e.g. "accelerate launch ..."'
@@ -48,10 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seeds",
         type=int,
         nargs="+",
-        help="training seeds of every row (default: the size's: 0 for quick and paper, "
-        "0 1 2 for default); the first also seeds the bootstrap",
+        help="training seeds of every row (default: the size's); the first also seeds the "
+        "bootstrap",
     )
-    parser.add_argument("--data-seed", type=int, default=0, help="synthetic cohort and split seed")
+    parser.add_argument("--data-seed", type=int, default=0, help="synthetic data and split seed")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--rerun", action="store_true", help="train rows already run again")
     parser.add_argument(
@@ -64,12 +72,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.size = "quick"
-    if args.size == "paper" and not (args.shards and args.text_checkpoint):
-        parser.error(
-            "--size paper needs --shards and --text-checkpoint (no synthetic data at 128^3)"
-        )
+    suite = SUITES[args.experiment]
+    if args.size not in suite.sizes:
+        parser.error(f"--size {args.size}: {args.experiment} has {sorted(suite.sizes)}")
+    if (
+        args.size == "paper"
+        and suite.needs_for_paper
+        and not (args.shards and args.text_checkpoint)
+    ):
+        parser.error(f"--size paper needs {suite.needs_for_paper}")
     if args.bootstrap < 1:
         parser.error("--bootstrap: expected >= 1")
+    for name in ("shards", "text_checkpoint"):  # the runs start in the repository
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     return args
 
 
@@ -78,31 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    size = SIZES[args.size]
-    exp = (
-        EXPERIMENTS[args.experiment](args.medicalnet)
-        if args.experiment.endswith("table2")
-        else EXPERIMENTS[args.experiment]()
-    )
+    suite = SUITES[args.experiment]
+    size = suite.sizes[args.size]
+    exp = suite.experiments[args.experiment](args.size, args)
     # Absolute paths: the runs start in the repository, wherever this command was started.
     out = (args.out or Path("runs/experiments") / f"{args.experiment}-{args.size}").resolve()
     started = time.perf_counter()
-    if args.shards is not None:
-        shards, bert = args.shards, args.text_checkpoint
-        if bert is None:
-            print("experiment: error: --shards needs --text-checkpoint too", file=sys.stderr)
-            return 2
-    else:
-        shards, bert = prepare_data(size, out.parent / f"data-{args.size}", args.data_seed)
-        if args.text_checkpoint is not None:
-            bert = args.text_checkpoint
-    shards, bert = Path(shards).resolve(), Path(bert).resolve()
-    shared = [*shared_overrides(size, shards, bert), *args.set]
+    try:
+        shared = suite.prepare(size, out.parent / f"data-{suite.data_name}-{args.size}", args)
+    except ValueError as err:
+        print(f"experiment: error: {err}", file=sys.stderr)
+        return 2
     try:
         results = run_experiment(
             exp,
             out,
-            shared,
+            [*shared, *args.set],
             launcher=shlex.split(args.launcher),
             n_boot=args.bootstrap,
             seeds=args.seeds or list(size.seeds),
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         f"in {(time.perf_counter() - started) / 60:.1f} min"
     )
     if not finite_table(results, exp):
-        print("experiment: some rows have no finite ACC / AUC (see results.md)", file=sys.stderr)
+        print("experiment: some rows have no finite number (see results.md)", file=sys.stderr)
         return 1
     return 0
 

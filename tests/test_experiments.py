@@ -12,7 +12,16 @@ import yaml
 from conftest import REPO, TINY_VISION, run_cmd, train_cmd
 
 from trainer.alifuse_tables import EXPERIMENTS
+from trainer.cxr_tables import table1 as mae_llama_table1
 from trainer.experiment import finite_table
+from trainer.fusion_tables import table1 as fusion_table1
+
+QUICK = {
+    "alifuse-table2": lambda: EXPERIMENTS["alifuse-table2"](),
+    "alifuse-table3": lambda: EXPERIMENTS["alifuse-table3"](),
+    "mae-llama-table1": lambda: mae_llama_table1("quick"),
+    "fusion-table1": lambda: fusion_table1("quick"),
+}
 
 # Widths only: every other value is the paper preset's (configs/ad_alifuse_joint.yaml).
 TINY_WIDTHS = [
@@ -117,16 +126,16 @@ def quick_tables(tmp_path_factory) -> dict[str, Path]:
     """Both tables at the quick size, sharing one synthetic dataset (written once)."""
     root = tmp_path_factory.mktemp("experiments")
     outs = {}
-    for name in ("alifuse-table2", "alifuse-table3"):
+    for name in QUICK:
         outs[name] = root / name
         run_cmd(experiment_cmd(name, outs[name]), timeout=1200)
     return outs
 
 
-@pytest.mark.parametrize("name", ["alifuse-table2", "alifuse-table3"])
+@pytest.mark.parametrize("name", list(QUICK))
 def test_quick_experiment_fills_every_row(quick_tables, name) -> None:
     out = quick_tables[name]
-    exp = EXPERIMENTS[name]()
+    exp = QUICK[name]()
     results = json.loads((out / "results.json").read_text())
     assert finite_table(results, exp)
     table = (out / "results.md").read_text()
@@ -137,10 +146,11 @@ def test_quick_experiment_fills_every_row(quick_tables, name) -> None:
             continue
         for col in exp.columns:
             entry = results["scores"][row.key][col.name]
-            assert entry["acc_ci"] is not None and entry["auc_ci"] is not None
-            assert entry["acc_ci"][0] <= entry["acc"] <= entry["acc_ci"][1]
-            if row.key != exp.reference:
-                assert 0 <= entry["acc_p"] <= 1 and 0 <= entry["auc_p"] <= 1
+            for m in exp.metrics:
+                assert entry[f"{m}_ci"] is not None, (row.key, m)
+                assert entry[f"{m}_ci"][0] <= entry[m] <= entry[f"{m}_ci"][1], (row.key, m)
+                if row.key != exp.reference:
+                    assert 0 <= entry[f"{m}_p"] <= 1
     assert (out / "results.png").stat().st_size > 10_000
     for row in exp.rows:
         if not row.skip:
@@ -151,6 +161,21 @@ def test_quick_experiment_fills_every_row(quick_tables, name) -> None:
         assert scores["OASIS-2"]["scoring"] == scores["MIRIAD"]["scoring"] == "binary"
         assert scores["AIBL"]["scoring"] == "three_class"
         assert "AIBL †" in table
+    if name == "mae-llama-table1":  # per-label AUROC, and one shared MAE stage per seed
+        assert "## Per-label AUROC (test)" in table and "| Pleural Effusion |" in table
+        assert (out / "stages" / "mae" / "seed0" / "model.safetensors").is_file()
+        assert len(list((out / "stages").iterdir())) == 4  # mae + three alignments
+        scores = results["scores"]["ours"]["test"]
+        assert (
+            sum(
+                k.startswith("auroc:") and not k.endswith(("_ci", "_p", "_sd", "_seed"))
+                for k in scores
+            )
+            >= 14
+        )
+    if name == "fusion-table1":  # Table I and the Fig. 4 ablations as two tables
+        assert "## Table I" in table and "## Fig. 4 ablations" in table
+        assert table.count("| Table I | Our (CNN + Transformer + RNN, attention fusion) |") == 2
 
 
 def test_a_finished_row_is_read_back_not_trained_again(quick_tables) -> None:

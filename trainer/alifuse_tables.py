@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from trainer.experiment import Column, Experiment, Row
+from trainer.experiment import Column, Experiment, Row, Suite
 
 log = logging.getLogger("medalign.experiment")
 
@@ -175,8 +176,15 @@ def _splits(shards: Path) -> list[str]:
     return out
 
 
-def prepare_data(size: Size, root: Path, seed: int, progress=print) -> tuple[Path, Path]:
-    """The synthetic cohort -> shards (AIBL, OASIS-2, MIRIAD held out) -> a tiny BERT, each
+def prepare_data(
+    size: Size,
+    root: Path,
+    seed: int,
+    progress=print,
+    holdout: tuple[str, ...] = HOLDOUT,
+    split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+) -> tuple[Path, Path]:
+    """The synthetic cohort -> shards (`holdout` cohorts written apart) -> a tiny BERT, each
     written once under `root` and reused while its recipe is unchanged. Returns (shards, bert)."""
     from models.text import make_tiny_bert_checkpoint
     from shards.reader import read_texts
@@ -189,7 +197,8 @@ def prepare_data(size: Size, root: Path, seed: int, progress=print) -> tuple[Pat
         "volume": size.volume,
         "bert": size.bert,
         "seed": seed,
-        "holdout": list(HOLDOUT),
+        "holdout": list(holdout),
+        "split_ratios": list(split_ratios),
     }
     stamp = root / "data_recipe.json"
     shards, bert = root / "shards", root / "tiny_bert"
@@ -211,7 +220,8 @@ def prepare_data(size: Size, root: Path, seed: int, progress=print) -> tuple[Pat
         samples_per_shard=32,
         seed=seed,
         workers=2,
-        holdout=HOLDOUT,
+        holdout=holdout,
+        split_ratios=split_ratios,
     )
     make_tiny_bert_checkpoint(str(bert), read_texts(str(shards / "train")), seed=seed, **size.bert)
     stamp.write_text(json.dumps(recipe, indent=2))
@@ -375,3 +385,29 @@ def table3() -> Experiment:
 
 
 EXPERIMENTS = {"alifuse-table2": table2, "alifuse-table3": table3}
+
+
+def _experiment(name: str, size: str, options) -> Experiment:
+    return table2(options.medicalnet) if name == "alifuse-table2" else table3()
+
+
+def _prepare(size: Size, root: Path, options, progress=print) -> list[str]:
+    """The shared overrides: the user's shards and BERT (--shards, --text-checkpoint), or the
+    synthetic cohort and a tiny BERT written under `root`."""
+    if options.shards is not None:
+        if options.text_checkpoint is None:
+            raise ValueError("--shards needs --text-checkpoint too (the BERT folder)")
+        shards, bert = options.shards, options.text_checkpoint
+    else:
+        shards, bert = prepare_data(size, root, options.data_seed, progress)
+        bert = options.text_checkpoint or bert
+    return shared_overrides(size, Path(shards).resolve(), Path(bert).resolve())
+
+
+SUITE = Suite(
+    experiments={name: partial(_experiment, name) for name in EXPERIMENTS},
+    sizes=SIZES,
+    prepare=_prepare,
+    needs_for_paper="--shards and --text-checkpoint (no synthetic data at 128^3)",
+    data_name="ad",
+)

@@ -57,6 +57,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
+class Stage:
+    """A training run before a row's own, whose weights start the next run (train.init_from).
+
+    `shared`: every row that lists a stage of this name runs the same command, so it is
+    trained once per seed under OUT/stages/<name>/ and reused by those rows."""
+
+    name: str
+    config: str  # its preset (repo-relative)
+    overrides: list[str] = field(default_factory=list)
+    shared: bool = False
+
+
+@dataclass
 class Row:
     """One line of a table: a training run of `config` with `overrides` (after the size's)."""
 
@@ -67,6 +80,9 @@ class Row:
     # Two-stage rows: the overrides of a pretraining run whose weights start this row's run.
     pretrain: list[str] | None = None
     skip: str = ""  # why the row is not run (left in the table with the reason)
+    # Multi-stage rows: runs before this row's own, in order, each starting the next.
+    stages: list[Stage] = field(default_factory=list)
+    config: str = ""  # this row's preset ("": the experiment's)
 
 
 @dataclass
@@ -91,6 +107,27 @@ class Experiment:
     reference: str  # the row the p-values compare against (the full model)
     layout: str  # "grid" (rows x columns, ACC and AUC each) or "ablation" (deltas too)
     notes: list[str] = field(default_factory=list)
+    # multiclass: predictions with logits and one label (ACC, AUC, P, R, F1); multilabel:
+    # logits, labels and a label mask per sample (mAUC, mean ACC, per-label AUROC).
+    kind: str = "multiclass"
+    metrics: tuple[str, ...] = ("acc", "auc")  # the table's cells, in order
+    label_names: list[str] = field(default_factory=list)  # multilabel: per-label AUROC names
+    split_groups: bool = False  # one table per row group (each with the reference row)
+
+
+@dataclass
+class Suite:
+    """A family of experiments that share sizes and data (scripts/experiment.py looks an
+    experiment's name up in the suites): `experiments[name](size, options)` builds it;
+    `prepare(size, root, options)` writes or finds its data under `root` and returns the
+    overrides every row gets; `sizes` maps a size name to what `prepare` and the factories
+    read (each has `name` and `seeds`)."""
+
+    experiments: dict[str, Callable[..., Experiment]]
+    sizes: dict[str, Any]
+    prepare: Callable[..., list[str]]
+    needs_for_paper: str = ""  # what --size paper requires of the user, if anything
+    data_name: str = "data"  # synthetic data is written to OUT/../data-<data_name>-<size>/
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -125,6 +162,30 @@ def run_folder(out: Path, row: Row, seed: int) -> Path:
     return out / "runs" / row.key / f"seed{seed}"
 
 
+def row_stages(row: Row, exp: Experiment) -> list[Stage]:
+    """The runs before the row's own: `stages`, or the two-stage row's `pretrain`."""
+    if row.pretrain is not None:
+        return [Stage("pretrain", exp.config, row.pretrain), *row.stages]
+    return list(row.stages)
+
+
+def _recorded(cmd: list[str], folder: Path, fresh: bool, init: Path | None) -> dict[str, Any]:
+    """Runs `cmd` in `folder` unless the same command already finished there after the run
+    it starts from (`init`) did, and not `fresh`; returns {"seconds", "reused"}."""
+    record = folder / "experiment_row.json"
+    if not fresh and (folder / "results.json").is_file() and record.is_file():
+        done = json.loads(record.read_text())
+        init_record = None if init is None else init / "experiment_row.json"
+        newer_init = init_record is not None and (
+            not init_record.is_file() or init_record.stat().st_mtime > record.stat().st_mtime
+        )
+        if done.get("commands") == [cmd] and not newer_init:
+            return {"seconds": done.get("seconds", 0.0), "reused": True}
+    seconds = _run(cmd, folder)
+    record.write_text(json.dumps({"commands": [cmd], "seconds": round(seconds, 1)}, indent=2))
+    return {"seconds": round(seconds, 1), "reused": False}
+
+
 def run_row(
     row: Row,
     exp: Experiment,
@@ -134,41 +195,46 @@ def run_row(
     rerun: bool,
     seed: int = 0,
     python: str = sys.executable,
+    trained: set[Path] | None = None,
 ) -> dict[str, Any]:
-    """Trains one seed of a row (its pretraining run first, if any) unless the same commands
-    already finished in its folder; returns {"commands", "seconds", "reused"}."""
+    """Trains one seed of a row (its stages first, if any) unless the same commands already
+    finished in its folders; returns {"commands", "seconds", "reused"}. A run whose stage
+    trained after it is trained again; `trained` collects the folders trained in this
+    invocation, so `rerun` trains a shared stage once, not once per row."""
+    trained = set() if trained is None else trained
     folder = run_folder(out, row, seed)
     shared = [*shared, f"train.seed={seed}"]
-    commands = []
-    if row.pretrain is not None:
-        pre = folder / "pretrain"
-        commands.append(
-            train_command(
-                python,
-                launcher,
-                exp.config,
-                [*shared, *row.pretrain, f"train.output_dir={pre}", "train.eval_splits=[val]"],
-            )
-        )
-        shared = [*shared, f"train.init_from={pre}"]
-    commands.append(
-        train_command(
-            python, launcher, exp.config, [*shared, *row.overrides, f"train.output_dir={folder}"]
-        )
+    commands, seconds, reused, init = [], 0.0, True, None
+    for stage in row_stages(row, exp):
+        where = out / "stages" / stage.name / f"seed{seed}" if stage.shared else folder / stage.name
+        overrides = [*shared, *stage.overrides]
+        if init is not None:
+            overrides.append(f"train.init_from={init}")
+        overrides += [f"train.output_dir={where}", "train.eval_splits=[val]"]
+        cmd = train_command(python, launcher, stage.config, overrides)
+        log.info("row %s seed %d, stage %s: %s", row.key, seed, stage.name, shlex.join(cmd))
+        done = _recorded(cmd, where, rerun and where not in trained, init)
+        if not done["reused"]:
+            trained.add(where)
+        commands.append(cmd)
+        seconds += done["seconds"]
+        reused &= done["reused"]
+        init = where
+    overrides = [*shared, *row.overrides]
+    if init is not None:
+        overrides.append(f"train.init_from={init}")
+    cmd = train_command(
+        python, launcher, row.config or exp.config, [*overrides, f"train.output_dir={folder}"]
     )
-    record = folder / "experiment_row.json"
-    done = (folder / "results.json").is_file() and record.is_file()
-    if done and not rerun and json.loads(record.read_text())["commands"] == commands:
-        log.info("row %s seed %d: reusing %s (same commands)", row.key, seed, folder)
-        return {**json.loads(record.read_text()), "reused": True}
-    seconds = 0.0
-    for i, cmd in enumerate(commands):
-        target = folder / "pretrain" if i < len(commands) - 1 else folder
-        log.info("row %s seed %d: %s", row.key, seed, shlex.join(cmd))
-        seconds += _run(cmd, target)
-    info = {"commands": commands, "seconds": round(seconds, 1)}
-    record.write_text(json.dumps(info, indent=2))
-    return {**info, "reused": False}
+    log.info("row %s seed %d: %s", row.key, seed, shlex.join(cmd))
+    done = _recorded(cmd, folder, rerun, init)
+    commands.append(cmd)
+    seconds += done["seconds"]
+    return {
+        "commands": commands,
+        "seconds": round(seconds, 1),
+        "reused": reused and done["reused"],
+    }
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -179,26 +245,37 @@ class Predictions:
     """One column's samples as one run predicted them, in key order."""
 
     keys: list[str]
-    subjects: list[str]
+    subjects: list[str]  # the bootstrap's resampling unit (a subject, or a study's images)
     logits: torch.Tensor  # (N, C)
-    labels: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,) class ids, or (N, L) 0 / 1 targets (multilabel)
     binary: bool  # every sample is of a binary cohort: scored NC vs impaired
+    mask: torch.Tensor | None = None  # (N, L) 1 = the label counts (multilabel)
 
 
-def read_predictions(run_dir: Path, column: Column) -> Predictions | None:
+def read_predictions(run_dir: Path, column: Column, kind: str = "multiclass") -> Predictions | None:
     """The column's samples from run_dir/predictions_<split>.jsonl (None if the run has none)."""
     path = run_dir / f"predictions_{column.split}.jsonl"
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if not column.cohort or r["cohort"] == column.cohort]
+    rows = [r for r in rows if not column.cohort or r.get("cohort") == column.cohort]
     if not rows:
         return None
     rows.sort(key=lambda r: r["key"])
+    logits = torch.tensor([r["logits"] for r in rows], dtype=torch.float64)
+    if kind == "multilabel":
+        return Predictions(
+            keys=[r["key"] for r in rows],
+            subjects=[str(r["group"]) for r in rows],  # a study's images share one report
+            logits=logits,
+            labels=torch.tensor([r["labels"] for r in rows], dtype=torch.float64),
+            binary=False,
+            mask=torch.tensor([r["label_mask"] for r in rows], dtype=torch.float64),
+        )
     return Predictions(
         keys=[r["key"] for r in rows],
-        subjects=[f"{r['cohort']}/{r['subject']}" for r in rows],
-        logits=torch.tensor([r["logits"] for r in rows], dtype=torch.float64),
+        subjects=[f"{r.get('cohort', '')}/{r.get('subject', r['key'])}" for r in rows],
+        logits=logits,
         labels=torch.tensor([r["label"] for r in rows]),
         binary=all(r.get("binary", False) for r in rows) and len(rows[0]["logits"]) == 3,
     )
@@ -217,17 +294,40 @@ def subject_weights(subjects: Sequence[str], n_boot: int, seed: int) -> torch.Te
     return torch.cat([torch.ones(1, len(subjects), dtype=torch.float64), counts[:, unit]])
 
 
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, 0 where den is 0 (torchmetrics' zero_division=0)."""
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+
+
+def _prf(predicted: torch.Tensor, actual: torch.Tensor, weights: torch.Tensor) -> tuple:
+    """Weighted precision, recall and F1 of one class: predicted, actual (N,) bool."""
+    tp = (weights * (predicted & actual)).sum(1)
+    pp = (weights * predicted).sum(1)
+    ap = (weights * actual).sum(1)
+    return _ratio(tp, pp), _ratio(tp, ap), _ratio(2 * tp, pp + ap)
+
+
 def weighted_scores(pred: Predictions, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """ACC and AUC of the predictions under each weighting: {"acc": (W,), "auc": (W,)}; NaN
-    where a resample leaves a class with no sample."""
+    """Every metric of the predictions under each weighting, (W,) each; NaN where a resample
+    leaves a class (a label) with no positive or no negative sample.
+
+    multiclass: acc, auc (macro one-vs-rest over the classes present), precision, recall, f1
+    (macro over the classes present); binary cohorts: those of the impaired class at
+    P(MCI) + P(AD) > 0.5; multilabel: mauc (mean of the labels' AUROC where defined),
+    mean_acc (per-label accuracy at 0.5 over the kept entries, averaged) and auroc:<j> per
+    label."""
+    if pred.mask is not None:
+        return _multilabel_scores(pred, weights)
     probs = pred.logits.softmax(dim=-1)
     if pred.binary:
         score = probs[:, 1:].sum(dim=-1)  # P(MCI) + P(AD)
         target = pred.labels > 0
         correct = (score > 0.5) == target
         auc = weighted_auroc(score, target, weights)
+        precision, recall, f1 = _prf(score > 0.5, target, weights)
     else:
-        correct = probs.argmax(dim=-1) == pred.labels
+        predicted = probs.argmax(dim=-1)
+        correct = predicted == pred.labels
         present = [c for c in range(probs.shape[1]) if bool((pred.labels == c).any())]
         per_class = [weighted_auroc(probs[:, c], pred.labels == c, weights) for c in present]
         auc = (
@@ -235,8 +335,35 @@ def weighted_scores(pred: Predictions, weights: torch.Tensor) -> dict[str, torch
             if len(present) > 1
             else torch.full_like(weights[:, 0], math.nan)
         )
+        prf = [_prf(predicted == c, pred.labels == c, weights) for c in present]
+        precision, recall, f1 = (torch.stack([p[i] for p in prf]).mean(0) for i in range(3))
     acc = (weights * correct).sum(1) / weights.sum(1)
-    return {"acc": acc, "auc": auc}
+    return {"acc": acc, "auc": auc, "precision": precision, "recall": recall, "f1": f1}
+
+
+def _multilabel_scores(pred: Predictions, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    probs = pred.logits.sigmoid()
+    out: dict[str, torch.Tensor] = {}
+    aurocs, accs = [], []
+    for j in range(probs.shape[1]):
+        keep = pred.mask[:, j] > 0
+        if not bool(keep.any()):
+            out[f"auroc:{j}"] = torch.full_like(weights[:, 0], math.nan)
+            continue
+        w = weights[:, keep]
+        target = pred.labels[keep, j] > 0.5
+        auroc = weighted_auroc(probs[keep, j], target, w)
+        out[f"auroc:{j}"] = auroc
+        aurocs.append(auroc)
+        correct = (probs[keep, j] > 0.5) == target
+        accs.append((w * correct).sum(1) / w.sum(1).clamp(min=1e-300))
+    stacked = torch.stack(aurocs)  # (labels, W)
+    defined = ~stacked.isnan()
+    out["mauc"] = torch.where(
+        defined.any(0), stacked.nan_to_num().sum(0) / defined.sum(0).clamp(min=1), torch.nan
+    )
+    out["mean_acc"] = torch.stack(accs).mean(0)
+    return out
 
 
 def _interval(values: torch.Tensor) -> list[float] | None:
@@ -280,11 +407,18 @@ def score_column(
     scores = {}
     for row, runs in preds.items():
         per_seed = [weighted_scores(pred, weights) for pred in runs]
-        scores[row] = {m: torch.stack([s[m] for s in per_seed]) for m in ("acc", "auc")}
+        scores[row] = {m: torch.stack([s[m] for s in per_seed]) for m in per_seed[0]}
     out: dict[str, dict[str, Any]] = {}
     for row, metrics in scores.items():
         entry: dict[str, Any] = {"n": len(keys), "subjects": len(set(first.subjects))}
-        entry["scoring"] = "binary" if preds[row][0].binary else "three_class"
+        first_pred = preds[row][0]
+        entry["scoring"] = (
+            "multilabel"
+            if first_pred.mask is not None
+            else "binary"
+            if first_pred.binary
+            else "three_class"
+        )
         entry["seeds"] = len(preds[row])
         for metric, values in metrics.items():  # (seeds, 1 + n_boot)
             mean = values.mean(0)
@@ -322,6 +456,30 @@ def _p(value: float | None, n_boot: int) -> str:
     return f"<{1 / n_boot:.3g}" if value == 0 else f"{value:.3f}"
 
 
+METRIC_NAMES = {
+    "acc": "ACC",
+    "auc": "AUC",
+    "precision": "P",
+    "recall": "R",
+    "f1": "F1",
+    "mauc": "mAUC",
+    "mean_acc": "mean ACC",
+}
+
+
+def _per_label(exp: Experiment, scores: dict[str, Any]) -> list[str]:
+    """Per-label AUROC of every row on the first column (multilabel experiments)."""
+    col = exp.columns[0]
+    rows = [row for row in exp.rows if not row.skip and scores.get(row.key, {}).get(col.name)]
+    lines = ["", f"## Per-label AUROC ({col.name})", ""]
+    lines += ["| Label | " + " | ".join(row.label for row in rows) + " |"]
+    lines += ["|" + "---|" * (len(rows) + 1)]
+    for j, name in enumerate(exp.label_names):
+        cells = [_cell(scores[row.key][col.name], f"auroc:{j}") for row in rows]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
     """The table in the paper's layout, then the p-values, the rows not run and the notes."""
     scores, n_boot = results["scores"], results["n_boot"]
@@ -330,31 +488,45 @@ def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
     header = ["", "Method"]
     for col in cols:
         mark = " †" if col.zero_shot else ""
-        header += [f"{col.name}{mark} ACC", f"{col.name}{mark} AUC"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        header += [f"{col.name}{mark} {METRIC_NAMES.get(m, m)}" for m in exp.metrics]
     ref = scores.get(exp.reference, {})
-    for row in exp.rows:
-        cells = [row.group, row.label]
-        for col in cols:
-            entry = scores.get(row.key, {}).get(col.name)
-            for metric in ("acc", "auc"):
-                cell = _cell(entry, metric) if not row.skip else "not run"
-                if exp.layout == "ablation" and entry and row.key != exp.reference:
-                    base = ref.get(col.name, {}).get(metric)
-                    if base is not None and entry.get(metric) is not None:
-                        delta = 100 * (entry[metric] - base)
-                        cell += f" ({delta:+.1f})"
-                cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
+    groups = [exp.rows]
+    if exp.split_groups:  # one table per row group, the reference row in each
+        names = list(dict.fromkeys(row.group for row in exp.rows))
+        reference = [row for row in exp.rows if row.key == exp.reference]
+        groups = [
+            [*(r for r in reference if r.group != name), *(r for r in exp.rows if r.group == name)]
+            for name in names
+        ]
+    for rows in groups:
+        if exp.split_groups:
+            lines += [f"## {rows[-1].group}", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            cells = [row.group, row.label]
+            for col in cols:
+                entry = scores.get(row.key, {}).get(col.name)
+                for metric in exp.metrics:
+                    cell = _cell(entry, metric) if not row.skip else "not run"
+                    if exp.layout == "ablation" and entry and row.key != exp.reference:
+                        base = ref.get(col.name, {}).get(metric)
+                        if base is not None and entry.get(metric) is not None:
+                            delta = 100 * (entry[metric] - base)
+                            cell += f" ({delta:+.1f})"
+                    cells.append(cell)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.pop()
     seeds = results["seeds"]
+    unit = "study" if exp.kind == "multilabel" else "subject"
     lines += [
         "",
         "Values in %"
         + (
             f", the mean of {len(seeds)} training seeds ({', '.join(map(str, seeds))}) ± their "
-            "standard deviation, then the 95 % bootstrap interval by subject of that mean"
+            f"standard deviation, then the 95 % bootstrap interval by {unit} of that mean"
             if len(seeds) > 1
-            else ", 95 % bootstrap interval by subject in brackets"
+            else f", 95 % bootstrap interval by {unit} in brackets"
         )
         + (" (change against the full model in parentheses)." if exp.layout == "ablation" else ".")
         + (
@@ -366,7 +538,7 @@ def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
         f"## Paired bootstrap p-values against {_label(exp, exp.reference)} ({n_boot} resamples)",
         "",
     ]
-    header = ["Method"] + [f"{c.name} {m}" for c in cols for m in ("ACC", "AUC")]
+    header = ["Method"] + [f"{c.name} {METRIC_NAMES.get(m, m)}" for c in cols for m in exp.metrics]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in exp.rows:
         if row.key == exp.reference or row.skip:
@@ -374,8 +546,10 @@ def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
         cells = [row.label]
         for col in cols:
             entry = scores.get(row.key, {}).get(col.name) or {}
-            cells += [_p(entry.get(f"{m}_p"), n_boot) for m in ("acc", "auc")]
+            cells += [_p(entry.get(f"{m}_p"), n_boot) for m in exp.metrics]
         lines.append("| " + " | ".join(cells) + " |")
+    if exp.label_names:
+        lines += _per_label(exp, scores)
     skipped = [row for row in exp.rows if row.skip]
     if skipped:
         lines += ["", "Not run:"] + [f"- {row.label}: {row.skip}" for row in skipped]
@@ -384,9 +558,13 @@ def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
     for col in cols:
         entry = ref_scores.get(col.name)
         if entry:
-            kind = "NC vs MCI+AD, P(MCI)+P(AD)" if entry["scoring"] == "binary" else "NC / MCI / AD"
+            kind = {
+                "binary": "NC vs MCI+AD, P(MCI)+P(AD)",
+                "multilabel": f"{len(exp.label_names)} labels, resampled by study",
+            }.get(entry["scoring"], "NC / MCI / AD")
+            units = "studies" if entry["scoring"] == "multilabel" else "subjects"
             lines.append(
-                f"- {col.name}: {entry['n']} scans of {entry['subjects']} subjects ({kind})"
+                f"- {col.name}: {entry['n']} scans of {entry['subjects']} {units} ({kind})"
             )
     if exp.notes:
         lines += ["", *exp.notes]
@@ -412,11 +590,14 @@ def plot_results(exp: Experiment, results: dict[str, Any], path: Path) -> Path:
     rows = [row for row in exp.rows if not row.skip and row.key in scores]
     cols = exp.columns
     fig, axes = plt.subplots(
-        2, 1, figsize=(max(6.0, 1.1 * len(cols) * max(1, len(rows)) / 3 + 2) + 3, 7), squeeze=False
+        len(exp.metrics),
+        1,
+        figsize=(max(6.0, 1.1 * len(cols) * max(1, len(rows)) / 3 + 2) + 3, 3.5 * len(exp.metrics)),
+        squeeze=False,
     )
     width = 0.8 / max(1, len(rows))
     palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
-    for ax, metric in zip(axes[:, 0], ("acc", "auc"), strict=True):
+    for ax, metric in zip(axes[:, 0], exp.metrics, strict=True):
         for i, row in enumerate(rows):
             xs, ys, lo, hi = [], [], [], []
             for j, col in enumerate(cols):
@@ -431,7 +612,7 @@ def plot_results(exp: Experiment, results: dict[str, Any], path: Path) -> Path:
             colour = palette(i % palette.N)
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=row.label, color=colour)
         ax.set_xticks(range(len(cols)), [c.name + (" †" if c.zero_shot else "") for c in cols])
-        ax.set_ylabel(metric.upper())
+        ax.set_ylabel(METRIC_NAMES.get(metric, metric))
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].set_title(exp.title, fontsize=10)
@@ -463,6 +644,7 @@ def run_experiment(
     started = time.perf_counter()
     seeds = list(seeds)
     runs: dict[str, Any] = {}
+    trained: set[Path] = set()
     todo = [row for row in exp.rows if not row.skip]
     for row in exp.rows:
         if row.skip:
@@ -470,7 +652,7 @@ def run_experiment(
     for i, (seed, row) in enumerate(((s, r) for s in seeds for r in todo), 1):
         tag = f"[{i}/{len(todo) * len(seeds)}] {row.label}, seed {seed}"
         progress(f"{tag} ...")
-        run = run_row(row, exp, out, shared, launcher, rerun, seed)
+        run = run_row(row, exp, out, shared, launcher, rerun, seed, trained=trained)
         runs[f"{row.key}/seed{seed}"] = run
         how = "reused" if run["reused"] else f"{run['seconds']:.0f} s"
         progress(f"{tag}: done ({how})")
@@ -478,7 +660,7 @@ def run_experiment(
     for col in exp.columns:
         preds = {}
         for row in todo:
-            found = [read_predictions(run_folder(out, row, seed), col) for seed in seeds]
+            found = [read_predictions(run_folder(out, row, seed), col, exp.kind) for seed in seeds]
             if all(pred is not None for pred in found):
                 preds[row.key] = found
         if not preds:
@@ -515,7 +697,7 @@ def finite_table(results: dict[str, Any], exp: Experiment) -> bool:
         for col in exp.columns:
             entry = results["scores"].get(row.key, {}).get(col.name)
             if not entry or any(
-                entry.get(m) is None or not np.isfinite(entry[m]) for m in ("acc", "auc")
+                entry.get(m) is None or not np.isfinite(entry[m]) for m in exp.metrics
             ):
                 return False
     return True

@@ -200,6 +200,7 @@ class PretrainTask(Task):
                 ctx.move,
                 list(CXR_LABEL_NAMES),
                 cfg.train.bootstrap if plots else 0,
+                cfg.data.prompted,
             )
             result["zero_shot_mauc"] = zs["mauc"]
             result["zero_shot"] = zs
@@ -339,6 +340,16 @@ class MultilabelTask(Task):
         result = score_multilabel(pred, names, ctx.cfg.train.bootstrap if plots else 0)
         if plots and ctx.main:
             plot_label_auroc(result, ctx.out_dir / f"auroc_{name}.png", f"Per-label AUROC ({name})")
+            with open(ctx.out_dir / f"predictions_{name}.jsonl", "w", encoding="utf-8") as fh:
+                for i, key in enumerate(pred["key"]):
+                    row = {
+                        "key": key,
+                        "group": pred["group"][i],  # the study: its images share one report
+                        "labels": pred["labels"][i].tolist(),
+                        "label_mask": pred["label_mask"][i].tolist(),
+                        "logits": pred["logits"][i].tolist(),
+                    }
+                    fh.write(json.dumps(row) + "\n")
         return result
 
     def summary(self, name: str, result: dict[str, Any]) -> list[str]:
