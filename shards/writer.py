@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import random
 import re
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -292,6 +293,19 @@ def summary_line(report: dict[str, Any]) -> str:
     )
 
 
+def _written_subjects(out: Path, names: Sequence[str]) -> dict[tuple[str, str], set[str]]:
+    """(cohort, subject) -> the splits holding any of its written samples (json members only)."""
+    sides: dict[tuple[str, str], set[str]] = {}
+    for split in names:
+        for tar_path in sorted((out / split).glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                for member in tar:
+                    if member.name.endswith(".json"):
+                        meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                        sides.setdefault((meta["cohort"], meta["subject"]), set()).add(split)
+    return sides
+
+
 def empty_run_error(report: dict[str, Any], rejects_path: Path) -> str | None:
     """The error a shard command exits with when it wrote no sample at all (None otherwise)."""
     if report["written"]["total"] > 0:
@@ -361,17 +375,8 @@ def write_ad_shards(
 
     names = (*SPLITS, *holdout)
     by_split: dict[str, list[tuple[AdRecord, str]]] = {s: [] for s in names}
-    sides: dict[tuple[str, str], set[str]] = {}
     for rec, text in kept:
         by_split[split_of(rec)].append((rec, text))
-        sides.setdefault((rec.cohort, rec.subject), set()).add(split_of(rec))
-    across = sum(1 for s in sides.values() if len(s) > 1)
-    if across:
-        log.warning(
-            "split_by=scan: %d subjects have scans in more than one split (their visits are "
-            "not independent: test scores are optimistic)",
-            across,
-        )
     log.info("%d records in, %d rejected before reading volumes", records_in, len(rejects))
 
     manifests = {
@@ -392,7 +397,16 @@ def write_ad_shards(
 
     written = {split: manifests[split]["num_samples"] for split in names}
     written["total"] = sum(written.values())
+    sides = _written_subjects(out, names)  # of the samples written (volumes can still fail)
     subjects = Counter(split for s in sides.values() for split in s)
+    across = sum(1 for s in sides.values() if len(s) > 1)
+    if across:
+        log.warning(
+            "split_by=%s: %d subjects have scans in more than one split (their visits are "
+            "not independent: test scores are optimistic)",
+            split_by,
+            across,
+        )
     report: dict[str, Any] = {
         "format": FORMAT,
         "out_dir": str(out),

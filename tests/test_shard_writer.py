@@ -251,3 +251,29 @@ def test_command_line_round_trip(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert bad.returncode == 2 and "--synthetic-root" in bad.stderr
+
+
+def test_a_random_split_by_scan_is_counted_where_subjects_cross(corrupt_cohort, written, tmp_path):
+    _, sources = corrupt_cohort
+    _, by_subject = written
+    assert by_subject["split_by"] == "subject" and by_subject["subjects_in_several_splits"] == 0
+    report = write_ad_shards(
+        sources,
+        tmp_path,
+        size=SIZE,
+        samples_per_shard=7,
+        seed=0,
+        split_ratios=(0.7, 0.15, 0.15),
+        split_by="scan",
+    )
+    assert report["split_by"] == "scan"
+    assert report["written"]["total"] == by_subject["written"]["total"]  # same records
+    sides: dict[tuple[str, str], set[str]] = {}
+    for split, rows in read_samples(tmp_path).items():
+        for s in rows:
+            meta = json.loads(s["json"])
+            sides.setdefault((meta["cohort"], meta["subject"]), set()).add(split)
+    crossing = sum(1 for s in sides.values() if len(s) > 1)
+    assert crossing == report["subjects_in_several_splits"] > 0  # visits on both sides
+    with pytest.raises(ValueError, match="split_by='visit'"):
+        write_ad_shards(sources, tmp_path / "x", size=SIZE, split_by="visit")
