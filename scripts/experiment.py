@@ -12,7 +12,7 @@ Writes OUT/results.md (the paper's layout), OUT/results.json, OUT/results.png an
 folder under OUT/runs/. OUT defaults to runs/experiments/<name>-<size>. Rows already run with
 the same command are read back (--rerun trains them again). With --shards, the folder must
 hold train/, val/, test/ and the held-out cohorts (make_ad_shards.py --holdout AIBL OASIS-2
-MIRIAD); without it a synthetic cohort is written once per size under runs/experiments/.
+MIRIAD); without it synthetic data is written once per suite and size under runs/experiments/.
 """
 
 from __future__ import annotations

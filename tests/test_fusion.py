@@ -171,6 +171,19 @@ def test_outputs(mode: str, spatial_dims: int) -> None:
     torch.testing.assert_close(logits, out["logits"])
 
 
+def _fit(model: FusionModel, batch: dict, steps: int = 40) -> list[float]:
+    """`steps` Adam steps on one fixed batch; the losses."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(batch)["cls_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("mode", MODES)
 def test_trains_on_separable_batch(mode: str, spatial_dims: int) -> None:
@@ -179,14 +192,7 @@ def test_trains_on_separable_batch(mode: str, spatial_dims: int) -> None:
     cfg = tiny_config(mode, spatial_dims)
     model = make_model(cfg)
     batch = separable_batch(cfg, batch_size=16, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss = model(batch)["cls_loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(model, batch)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.6 * losses[0], losses
     held_out = separable_batch(cfg, batch_size=32, seed=1)
@@ -358,14 +364,7 @@ def test_three_branches_train_in_every_fusion_mode(mode: str, combine: str) -> N
     model = FusionModel(cfg, 2, vision=VIT)
     assert model.image is not None and model.vit is not None and model.text is not None
     batch = separable_batch(cfg, batch_size=16, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss = model(batch)["cls_loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(model, batch)
     assert losses[-1] < 0.6 * losses[0], losses
     if combine == "weighted_sum":
         weights = model.fusion.branch_weights()

@@ -17,7 +17,7 @@ what the row is about; a size then scales every row alike:
 
 Data: the user's shards (--shards DIR, written with --holdout AIBL OASIS-2 MIRIAD), or a
 synthetic cohort in the five cohorts' published layouts, written once per size under
-OUT/../data-<size>/ (shards/synthetic_ad.py; its signal model is in docs/ALIFUSE.md).
+OUT/../data-ad-<size>/ (shards/synthetic_ad.py; its signal model is in docs/ALIFUSE.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from trainer.experiment import Column, Experiment, Row, Suite
+from trainer.experiment import Column, Experiment, Row, Suite, data_and_text
 
 log = logging.getLogger("medalign.experiment")
 
@@ -394,14 +394,10 @@ def _experiment(name: str, size: str, options) -> Experiment:
 def _prepare(size: Size, root: Path, options, progress=print) -> list[str]:
     """The shared overrides: the user's shards and BERT (--shards, --text-checkpoint), or the
     synthetic cohort and a tiny BERT written under `root`."""
-    if options.shards is not None:
-        if options.text_checkpoint is None:
-            raise ValueError("--shards needs --text-checkpoint too (the BERT folder)")
-        shards, bert = options.shards, options.text_checkpoint
-    else:
-        shards, bert = prepare_data(size, root, options.data_seed, progress)
-        bert = options.text_checkpoint or bert
-    return shared_overrides(size, Path(shards).resolve(), Path(bert).resolve())
+    shards, bert = data_and_text(
+        options, "the BERT folder", lambda: prepare_data(size, root, options.data_seed, progress)
+    )
+    return shared_overrides(size, shards, bert)
 
 
 SUITE = Suite(

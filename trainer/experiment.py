@@ -130,6 +130,26 @@ class Suite:
     data_name: str = "data"  # synthetic data is written to OUT/../data-<data_name>-<size>/
 
 
+def data_and_text(
+    options: Any, text_kind: str, synthetic: Callable[[], tuple[Path, Path]]
+) -> tuple[Path, Path]:
+    """(shards, text tower folder): the user's (--shards and --text-checkpoint), or the
+    synthetic ones `synthetic()` writes (--text-checkpoint alone replaces only the tower)."""
+    if options.shards is not None:
+        if options.text_checkpoint is None:
+            raise ValueError(f"--shards needs --text-checkpoint too ({text_kind})")
+        shards, text = options.shards, options.text_checkpoint
+    else:
+        shards, text = synthetic()
+        text = options.text_checkpoint or text
+    return Path(shards).resolve(), Path(text).resolve()
+
+
+def split_overrides(shards: Path) -> list[str]:
+    """data.train / val / test of a shard folder."""
+    return [f"data.{split}={shards / split}" for split in ("train", "val", "test")]
+
+
 # ---- running ----------------------------------------------------------------------------------
 
 
@@ -205,6 +225,7 @@ def run_row(
     folder = run_folder(out, row, seed)
     shared = [*shared, f"train.seed={seed}"]
     commands, seconds, reused, init = [], 0.0, True, None
+    shared_seconds: dict[str, float] = {}  # shared stages: counted once per experiment
     for stage in row_stages(row, exp):
         where = out / "stages" / stage.name / f"seed{seed}" if stage.shared else folder / stage.name
         overrides = [*shared, *stage.overrides]
@@ -217,7 +238,10 @@ def run_row(
         if not done["reused"]:
             trained.add(where)
         commands.append(cmd)
-        seconds += done["seconds"]
+        if stage.shared:
+            shared_seconds[str(where)] = done["seconds"]
+        else:
+            seconds += done["seconds"]
         reused &= done["reused"]
         init = where
     overrides = [*shared, *row.overrides]
@@ -232,7 +256,8 @@ def run_row(
     seconds += done["seconds"]
     return {
         "commands": commands,
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1),  # this row's own runs
+        "shared_seconds": shared_seconds,
         "reused": reused and done["reused"],
     }
 
@@ -568,7 +593,10 @@ def format_markdown(exp: Experiment, results: dict[str, Any]) -> str:
             )
     if exp.notes:
         lines += ["", *exp.notes]
-    trained = sum(run["seconds"] for run in results["runs"].values())
+    shared = {
+        k: v for run in results["runs"].values() for k, v in run.get("shared_seconds", {}).items()
+    }
+    trained = sum(run["seconds"] for run in results["runs"].values()) + sum(shared.values())
     reused = sum(1 for run in results["runs"].values() if run["reused"])
     lines += [
         "",

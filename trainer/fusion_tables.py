@@ -21,7 +21,14 @@ from pathlib import Path
 
 from trainer.alifuse_tables import SIZES as AD_SIZES
 from trainer.alifuse_tables import prepare_data
-from trainer.experiment import Column, Experiment, Row, Suite
+from trainer.experiment import (
+    Column,
+    Experiment,
+    Row,
+    Suite,
+    data_and_text,
+    split_overrides,
+)
 
 PRESET = "configs/ad_fusion_paper.yaml"
 ALL = ["cnn", "vit", "rnn"]
@@ -138,26 +145,21 @@ def table1(size_name: str, options=None) -> Experiment:
 
 
 def _prepare(size: Size, root: Path, options, progress=print) -> list[str]:
-    if options.shards is not None:
-        if options.text_checkpoint is None:
-            raise ValueError("--shards needs --text-checkpoint too (a tokenizer folder)")
-        shards, tokenizer = options.shards, options.text_checkpoint
-    else:
-        shards, tokenizer = prepare_data(
+    shards, tokenizer = data_and_text(
+        options,
+        "a tokenizer folder",
+        lambda: prepare_data(
             AD_SIZES[size.data],
             root,
             options.data_seed,
             progress,
             holdout=(),
             split_ratios=(0.7, 0.15, 0.15),
-        )
-        tokenizer = options.text_checkpoint or tokenizer
-    shards, tokenizer = Path(shards).resolve(), Path(tokenizer).resolve()
+        ),
+    )
     return [
         *size.overrides,
-        f"data.train={shards / 'train'}",
-        f"data.val={shards / 'val'}",
-        f"data.test={shards / 'test'}",
+        *split_overrides(shards),
         "train.eval_splits=[test]",
         f"model.text.checkpoint={tokenizer}",
     ]
