@@ -33,7 +33,9 @@ Which text is used (``extract_text``):
      joined in that order; source "findings+impression", "findings" or "impression";
   2. else the last non-empty section that is not one of the header-only sections
      (examination, indication, history, technique, comparison, notification, ...), e.g. a
-     lone CONCLUSION or REPORT section; source "fallback:<section name>";
+     lone CONCLUSION or REPORT section; source "fallback:<section name>". Paragraphs that
+     follow a header-only section's first paragraph after a blank line (findings written
+     without a header under COMPARISON) count as a section of their own, "unlabeled";
   3. else, for a report with no section header at all, the whole body after the preamble;
      source "fallback:body";
   4. anything else raises RecordError("empty_report"): no text at all, or headers whose
@@ -63,6 +65,7 @@ ALIASES = {
     "impression and findings": "impression",
     "impression/findings": "impression",
 }
+BLANK_LINE = re.compile(r"\n[ \t]*\n")
 DEID_TOKEN = "___"
 # MIMIC's ___ (and longer runs of underscores), Open-i's XXXX (a word of 2+ X's), [** ... **].
 DEID = re.compile(r"\[\*\*.*?\*\*\]|_{2,}|\bX{2,}\b")
@@ -158,7 +161,16 @@ def split_sections(body: str) -> tuple[str, list[tuple[str, str]]]:
     sections = []
     for i, match in enumerate(headers):
         end = headers[i + 1].start() if i + 1 < len(headers) else len(body)
-        sections.append((section_name(match.group(1)), normalize_space(body[match.end() : end])))
+        name, raw = section_name(match.group(1)), body[match.end() : end]
+        if name in HEADER_ONLY:
+            # Its first paragraph says why / how; paragraphs after a blank line are text the
+            # report left without a header (often the findings): an "unlabeled" section.
+            paragraphs = [p for p in BLANK_LINE.split(raw) if p.strip()]
+            sections.append((name, normalize_space(paragraphs[0]) if paragraphs else ""))
+            if len(paragraphs) > 1:
+                sections.append(("unlabeled", normalize_space(" ".join(paragraphs[1:]))))
+        else:
+            sections.append((name, normalize_space(raw)))
     return lead, sections
 
 

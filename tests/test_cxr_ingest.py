@@ -745,6 +745,12 @@ def test_a_wrapped_line_is_not_taken_for_a_header() -> None:
     text, source = extract_text(report)
     assert source == "findings+impression"
     assert "tip in the stomach. No effusion." in text
+    # findings left without a header after a header-only section are kept, not rejected
+    report = (
+        " EXAMINATION:  CHEST (PA AND LAT)\n\n INDICATION:\n\n ___F with cough\n\n"
+        " COMPARISON:  ___\n\n The lungs are clear. No effusion.\n"
+    )
+    assert extract_text(report) == ("The lungs are clear. No effusion.", "fallback:unlabeled")
     # an unknown upper-case name at a paragraph start is a section, as before
     text, source = extract_text(" PA AND LATERAL VIEWS OF THE CHEST:\n\n Lungs are clear.\n")
     assert (text, source) == ("Lungs are clear.", "fallback:pa and lateral views of the chest")

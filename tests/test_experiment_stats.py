@@ -63,3 +63,22 @@ def test_paired_p_is_two_sided() -> None:
     assert paired_p(better + 1, better) == 0.0
     assert paired_p(better, better + 1) == 0.0
     assert paired_p(torch.tensor([1.0, -1.0]), torch.zeros(2)) == 1.0
+
+
+def test_multilabel_scores_leave_undefined_resamples_out():
+    from trainer.experiment import Predictions, subject_weights, weighted_scores
+
+    # 6 studies; label 1 is kept in study 0 only, and every prediction is right
+    labels = torch.tensor([[1, 1], [0, 0], [1, 0], [0, 0], [1, 0], [0, 0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 0], [1, 0], [1, 0]], dtype=torch.float64)
+    logits = torch.where(labels > 0, 3.0, -3.0).double()
+    pred = Predictions(
+        [f"k{i}" for i in range(6)], [f"s{i}" for i in range(6)], logits, labels, False, mask
+    )
+    weights = subject_weights(pred.subjects, 200, seed=0)
+    scores = weighted_scores(pred, weights)
+    assert scores["mean_acc"][0] == 1.0
+    # a resample without study 0 has no entry of label 1: it is left out, not scored 0
+    assert torch.all(scores["mean_acc"][~scores["mean_acc"].isnan()] == 1.0)
+    # label 1 has no negative: its AUROC is undefined, mAUC is label 0's everywhere defined
+    assert scores["auroc:1"].isnan().all() and scores["mauc"][0] == 1.0

@@ -176,6 +176,8 @@ def test_a_damaged_checkpoint_is_passed_over_on_resume(base, tmp_path, damage):
     assert "passed over" in proc.stderr and "step_0000008" in proc.stderr
     assert "resumed from" in proc.stderr and "step_0000006" in proc.stderr
     assert sorted(losses(out)) == [7, 8, 9]
+    # set aside, so keep_last prunes around the good ones and it is never tried again
+    assert (out / "checkpoints" / ".damaged-step_0000008").is_dir()
 
 
 def test_an_explicit_broken_checkpoint_is_an_error_not_a_fallback(base, tmp_path):
@@ -466,3 +468,14 @@ def test_a_shard_run_that_writes_nothing_exits_non_zero(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "no sample written" in err and "rejected" in err and "rejects.jsonl" in err
+
+
+def test_every_rank_resumes_its_own_loader_streams():
+    from trainer.run_state import RunState
+
+    rank0 = RunState(step=5, batches_consumed=5, streams={0: (12, 2)})
+    rank1 = RunState(step=5, batches_consumed=5, streams={0: (10, 0)})
+    saved = json.loads(json.dumps(rank0.to_json({}, None, [rank0.streams, rank1.streams])))
+    assert RunState.from_json(saved, 0).streams == {0: (12, 2)}
+    assert RunState.from_json(saved, 1).streams == {0: (10, 0)}
+    assert RunState.from_json(saved, 1).skipped == 0  # not rank 0's count

@@ -14,7 +14,8 @@ or the new one complete. A checkpoint is never written with non-finite weights.
 
 Resuming with `--resume` (no path) tries the folder `latest` names, then every other
 committed folder from the newest down: one whose state file is missing, garbled or lists a
-file that is absent or of another size, or whose load fails, is passed over with a warning.
+file that is absent or of another size, or whose load fails, is passed over with a warning
+and renamed `.damaged-step_XXXXXXX` (kept to look at, never tried again).
 An explicit `--resume PATH` loads that folder or fails.
 
 Loading never runs code from a pickle: accelerate's own files load with `weights_only=True`,
@@ -160,13 +161,13 @@ def _commit(
             with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
                 fh.write(json.dumps(state, indent=1))
             _fsync_tree(tmp)
-            if final.exists():  # a folder of this name from an earlier attempt
-                old = final.with_name(_TMP + "old-" + final.name)
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
+            old = final.with_name(_TMP + "old-" + final.name)
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():  # a folder of this name (an earlier attempt, the last best)
+                os.rename(final, old)  # aside until the new one is in place
             os.rename(tmp, final)
             _fsync_path(final.parent)
+            shutil.rmtree(old, ignore_errors=True)
         except OSError as err:
             raise CheckpointError(write_failure(tmp / STATE_FILE, err)) from err
     accelerator.wait_for_everyone()
@@ -305,6 +306,21 @@ def _agreed(accelerator: Accelerator, ok: bool) -> bool:
     return int(accelerator.reduce(flag, reduction="sum").item()) == 0
 
 
+def _set_aside(accelerator: Accelerator, damaged: list[Path]) -> None:
+    """Renames checkpoints passed over on resume to `.damaged-<name>` (kept for a look, never
+    a resume candidate again, and not counted by keep_last, which would otherwise prune the
+    good ones before them)."""
+    if accelerator.is_main_process:
+        for path in damaged:
+            target = path.with_name(".damaged-" + path.name)
+            shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.rename(path, target)
+            except OSError as err:
+                log.warning("could not set %s aside: %s", path, err)
+    accelerator.wait_for_everyone()
+
+
 def resume(
     accelerator: Accelerator, resume_arg: str | None, output_dir: str, trust: bool = False
 ) -> tuple[Path, dict[str, Any]] | None:
@@ -314,7 +330,7 @@ def resume(
     if resume_arg != "latest":
         path = Path(resume_arg)
         return path, load_checkpoint(accelerator, path, trust)
-    reasons = []
+    reasons, passed = [], []
     for path in resume_candidates(output_dir):
         error = None
         try:
@@ -324,10 +340,12 @@ def resume(
         if _agreed(accelerator, error is None):
             if reasons:
                 log.warning("resuming from %s; passed over: %s", path, "; ".join(reasons))
+                _set_aside(accelerator, passed)
             return path, state
         reason = str(error) if error is not None else "another rank could not load it"
         log.warning("checkpoint %s passed over: %s", path, reason)
         reasons.append(f"{path.name}: {reason}")
+        passed.append(path)
     raise CheckpointError(
         f"--resume: no loadable checkpoint under {checkpoint_root(output_dir)}"
         + (f" ({'; '.join(reasons)})" if reasons else "")

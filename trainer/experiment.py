@@ -201,6 +201,9 @@ def _recorded(cmd: list[str], folder: Path, fresh: bool, init: Path | None) -> d
         )
         if done.get("commands") == [cmd] and not newer_init:
             return {"seconds": done.get("seconds", 0.0), "reused": True}
+    # A run trained again that then fails must not be read back as the old one next time.
+    record.unlink(missing_ok=True)
+    (folder / "results.json").unlink(missing_ok=True)
     seconds = _run(cmd, folder)
     record.write_text(json.dumps({"commands": [cmd], "seconds": round(seconds, 1)}, indent=2))
     return {"seconds": round(seconds, 1), "reused": False}
@@ -367,27 +370,30 @@ def weighted_scores(pred: Predictions, weights: torch.Tensor) -> dict[str, torch
 
 
 def _multilabel_scores(pred: Predictions, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per label over its kept entries; mAUC over the labels whose AUROC the point estimate
+    defines (a resample that leaves one of them undefined is NaN, so every resample averages
+    the same labels, as trainer.cxr_metrics.bootstrap_ci does); accuracy at >= 0.5
+    (trainer.cxr_metrics.multilabel_accuracy), NaN where a resample keeps no entry."""
     probs = pred.logits.sigmoid()
+    nan = torch.full_like(weights[:, 0], math.nan)
     out: dict[str, torch.Tensor] = {}
     aurocs, accs = [], []
     for j in range(probs.shape[1]):
         keep = pred.mask[:, j] > 0
         if not bool(keep.any()):
-            out[f"auroc:{j}"] = torch.full_like(weights[:, 0], math.nan)
+            out[f"auroc:{j}"] = nan
             continue
         w = weights[:, keep]
         target = pred.labels[keep, j] > 0.5
         auroc = weighted_auroc(probs[keep, j], target, w)
         out[f"auroc:{j}"] = auroc
-        aurocs.append(auroc)
-        correct = (probs[keep, j] > 0.5) == target
-        accs.append((w * correct).sum(1) / w.sum(1).clamp(min=1e-300))
-    stacked = torch.stack(aurocs)  # (labels, W)
-    defined = ~stacked.isnan()
-    out["mauc"] = torch.where(
-        defined.any(0), stacked.nan_to_num().sum(0) / defined.sum(0).clamp(min=1), torch.nan
-    )
-    out["mean_acc"] = torch.stack(accs).mean(0)
+        if not math.isnan(float(auroc[0])):  # defined on the full data
+            aurocs.append(auroc)
+        correct = (probs[keep, j] >= 0.5) == target
+        total = w.sum(1)
+        accs.append(torch.where(total > 0, (w * correct).sum(1) / total.clamp(min=1e-300), nan))
+    out["mauc"] = torch.stack(aurocs).mean(0) if aurocs else nan  # NaN if any label is
+    out["mean_acc"] = torch.stack(accs).nanmean(0) if accs else nan
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from models.alifuse import build_model
@@ -112,7 +112,9 @@ def train_step(
             loss_finite &= bool(torch.isfinite(loss.detach()).all())
             accelerator.backward(loss)
             if accelerator.sync_gradients and not deepspeed:
-                if accelerator.scaler is not None:
+                if accelerator.scaler is not None:  # the scaler skips overflowing steps
+                    if grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # unscales
                     stepped = _all_ranks(accelerator, loss_finite)
                 else:
                     clip = grad_clip if grad_clip > 0 else float("inf")
@@ -265,7 +267,7 @@ def run(
         path, saved = loaded
         for change in check_resume(saved.get("fingerprint"), fingerprint, allow_resume_changes):
             log.warning("resume with a change (--allow-resume-changes): %s", change)
-        state = RunState.from_json(saved)
+        state = RunState.from_json(saved, accelerator.process_index)
         if stopper is not None and saved.get("early_stopping"):
             stopper.load_state_dict(saved["early_stopping"])
         log.info(
@@ -275,11 +277,13 @@ def run(
             state.batches_consumed,
         )
 
+    def snapshot() -> dict[str, Any]:
+        """The state to save: every rank's loader streams gathered (a collective)."""
+        return state.to_json(fingerprint, stopper, gather_object([state.streams]))
+
     def save() -> None:
         heart.beat(state.step, "checkpoint")
-        ckpt.save_checkpoint(
-            accelerator, model, tc.output_dir, state.to_json(fingerprint, stopper), tc.keep_last
-        )
+        ckpt.save_checkpoint(accelerator, model, tc.output_dir, snapshot(), tc.keep_last)
 
     loader = build_train_loader(
         cfg.data.train,
@@ -362,9 +366,7 @@ def run(
                 if stopper is not None:
                     if stopper.update(step, val):
                         heart.beat(step, "checkpoint (best)")
-                        ckpt.save_best(
-                            accelerator, model, tc.output_dir, state.to_json(fingerprint, stopper)
-                        )
+                        ckpt.save_best(accelerator, model, tc.output_dir, snapshot())
                     if stopper.should_stop:
                         log.info(
                             "early stopping at step %d: val %s has not improved on %.6g (step %d) "

@@ -133,8 +133,9 @@ class RunState:
 
     step: int = 0
     batches_consumed: int = 0
-    # Per loader stream (the worker id a batch reports): (raw samples read, samples lost or
-    # rejected) when its last consumed batch was made; a resumed stream goes on from there.
+    # This rank's loader streams (the worker id a batch reports): (raw samples read, samples
+    # lost or rejected) when its last consumed batch was made; a resumed stream goes on from
+    # there. The checkpoint holds every rank's (`to_json(..., all_streams)`).
     streams: dict[int, tuple[int, int]] = field(default_factory=dict)
     nonfinite_skipped: int = 0  # optimizer steps skipped for non-finite gradients, in all
     nonfinite_in_row: int = 0
@@ -143,11 +144,20 @@ class RunState:
     def skipped(self) -> int:
         return sum(lost for _, lost in self.streams.values())
 
-    def to_json(self, fingerprint: dict[str, Any], stopper: EarlyStopping | None) -> dict:
+    def to_json(
+        self,
+        fingerprint: dict[str, Any],
+        stopper: EarlyStopping | None,
+        all_streams: list[dict[int, tuple[int, int]]],
+    ) -> dict:
+        """`all_streams`: every rank's `streams`, in rank order (gathered by the caller)."""
         return {
             "step": self.step,
             "batches_consumed": self.batches_consumed,
-            "streams": {str(k): list(v) for k, v in self.streams.items()},
+            "streams": {
+                str(rank): {str(k): list(v) for k, v in streams.items()}
+                for rank, streams in enumerate(all_streams)
+            },
             "nonfinite_skipped": self.nonfinite_skipped,
             "nonfinite_in_row": self.nonfinite_in_row,
             "early_stopping": stopper.state_dict() if stopper is not None else None,
@@ -155,11 +165,13 @@ class RunState:
         }
 
     @classmethod
-    def from_json(cls, state: dict[str, Any]) -> RunState:
+    def from_json(cls, state: dict[str, Any], rank: int) -> RunState:
+        """The state of `rank` (its own loader streams)."""
+        mine = state.get("streams", {}).get(str(rank), {})
         return cls(
             step=int(state["step"]),
             batches_consumed=int(state["batches_consumed"]),
-            streams={int(k): (int(v[0]), int(v[1])) for k, v in state.get("streams", {}).items()},
+            streams={int(k): (int(v[0]), int(v[1])) for k, v in mine.items()},
             nonfinite_skipped=int(state.get("nonfinite_skipped", 0)),
             nonfinite_in_row=int(state.get("nonfinite_in_row", 0)),
         )

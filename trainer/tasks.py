@@ -112,6 +112,8 @@ class Task:
     @property
     def _fixed_size(self) -> bool:
         m = self.cfg.model
+        if m.arch == "fusion":
+            return "vit" in m.fusion.branches  # the ViT branch reads model.vision.img_size
         return m.arch not in _ANY_SIZE and not (m.arch == "alifuse" and m.image_tower == "none")
 
     def check_settings(self) -> None:

@@ -1,10 +1,12 @@
 """A job never hangs silently: heartbeats name a stalled rank, and workers outlive no launcher.
 
-- Every rank writes `RUN_DIR/heartbeat/rank_R.json` (step, phase, time, host, pid) as it
-  goes. When a collective times out (`train.collective_timeout_s`), the rank that waited reads
-  the others' heartbeats and the error names the rank that stopped answering, with its last
-  step and phase and how long ago it was heard from; the process then exits non-zero and the
-  launcher ends the job.
+- Every rank writes `RUN_DIR/heartbeat/rank_R.json` (step, phase, time, host, pid) at each
+  step and phase, and a thread rewrites it every 2 s, so a rank waiting in a collective stays
+  fresh while a stopped or hung one falls silent. When a collective times out
+  (`train.collective_timeout_s`), the rank that waited reads the others' heartbeats and the
+  error names the rank heard from longest ago, with its last step and phase; the process
+  then exits non-zero and the launcher ends the job. (The folder must be on storage every
+  node sees, like the checkpoints.)
 - A rank started by a launcher (`accelerate launch`, torchrun) watches its parent process:
   when the launcher dies (kill -9 included) the rank exits within about a second instead of
   training on as an orphan.
@@ -26,16 +28,34 @@ HEARTBEAT_DIR = "heartbeat"
 
 
 class Heartbeat:
-    """This rank's last known position; `beat` costs one small file write."""
+    """This rank's last known position; `beat` costs one small file write.
 
-    def __init__(self, output_dir: str, rank: int, world_size: int) -> None:
+    A background thread rewrites the file every `interval_s` as well, so a rank that is only
+    waiting in a collective stays fresh while a stopped or hung process (every thread of it)
+    falls silent: the rank heard from longest ago is the one to blame."""
+
+    def __init__(
+        self, output_dir: str, rank: int, world_size: int, interval_s: float = 2.0
+    ) -> None:
         self.folder = Path(output_dir) / HEARTBEAT_DIR
         self.rank, self.world_size = rank, world_size
         self.enabled = world_size > 1
         self.step, self.phase = 0, "start"
+        self._lock = threading.Lock()
         if self.enabled:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.beat(0, "start")
+            threading.Thread(
+                target=self._keep_beating,
+                args=(interval_s,),
+                name="medalign-heartbeat",
+                daemon=True,
+            ).start()
+
+    def _keep_beating(self, interval_s: float) -> None:
+        while True:
+            time.sleep(interval_s)
+            self.beat(self.step, self.phase)
 
     def beat(self, step: int, phase: str) -> None:
         self.step, self.phase = step, phase
@@ -51,11 +71,12 @@ class Heartbeat:
         }
         path = self.folder / f"rank_{self.rank}.json"
         tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, path)
-        except OSError:  # a heartbeat is a diagnostic: it never stops training
-            pass
+        with self._lock:  # the step's beat and the thread's share the temporary file
+            try:
+                tmp.write_text(json.dumps(record))
+                os.replace(tmp, path)
+            except OSError:  # a heartbeat is a diagnostic: it never stops training
+                pass
 
     def others(self) -> list[dict]:
         records = []
@@ -69,13 +90,14 @@ class Heartbeat:
         return records
 
     def stall_report(self) -> str:
-        """Which rank to blame: the one furthest behind, else the one heard from longest ago."""
+        """Which rank to blame: the one heard from longest ago (never: first), then the one
+        furthest behind."""
         now = time.time()
         others = self.others()
 
         def behind(r: dict) -> tuple:
             step = r.get("step")
-            return (-1 if step is None else step, r.get("time", 0))
+            return (r.get("time", 0), -1 if step is None else step)
 
         lines = []
         for r in sorted(others, key=behind):
