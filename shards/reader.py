@@ -714,7 +714,7 @@ class TrainStream(IterableDataset):
         self.start_batch = 0
         self.resume_counts: dict[int, tuple[int, int]] = {}  # worker -> (samples read, lost)
         self.counter = SkipCounter()
-        self.expected = {path: n for path, n in shards.shards}
+        self.expected = dict(shards.shards)
         self.keep = fraction_keys(shards, cfg.label_fraction, cfg.label_fraction_seed)
         workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(shards.shards) < world_size * workers:
@@ -837,8 +837,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         urls = [path for path, _ in self.shards.shards]
         mine: list[dict[str, Any]] = []
-        expected = {path: n for path, n in self.shards.shards}
-        for index, raw in enumerate(_read_tars(urls, self.counter, expected)):
+        for index, raw in enumerate(_read_tars(urls, self.counter, dict(self.shards.shards))):
             if index % self.world_size != self.rank:
                 continue
             try:

@@ -46,15 +46,27 @@ def run_fails(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess
     return proc
 
 
+def logged_step(run_dir: Path) -> int:
+    """The last training step a running run has logged (0 before its first line); a line still
+    being written ends the read."""
+    path = run_dir / "metrics.jsonl"
+    steps = [0]
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if not line.endswith("}"):
+                break
+            record = json.loads(line)
+            if "train/loss" in record:
+                steps.append(record["step"])
+    return max(steps)
+
+
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before the fault was injected"
-        try:
-            if max(losses(run_dir), default=0) >= step:
-                return
-        except (OSError, ValueError):
-            pass
+        if logged_step(run_dir) >= step:
+            return
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from trainer.experiment import Column, Experiment, Row, Suite, data_and_text
+from trainer.experiment import Column, Experiment, Row, Stage, Suite, data_and_text
 
 log = logging.getLogger("medalign.experiment")
 
@@ -353,7 +353,7 @@ def table3() -> Experiment:
             "two-stage: pretrain, then classify",
             d,
             ["model.task=classify"],
-            pretrain=["model.task=pretrain", "train.early_stop_metric="],
+            stages=[Stage("pretrain", PRESET, ["model.task=pretrain", "train.early_stop_metric="])],
         ),
         Row(
             "cross_after",

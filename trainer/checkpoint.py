@@ -41,6 +41,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from trainer.distributed import all_ranks_ok, sum_over_ranks
+
 log = logging.getLogger("medalign")
 
 STATE_FILE = "trainer_state.json"
@@ -127,8 +129,7 @@ def nonfinite_weights(accelerator: Accelerator, model: torch.nn.Module) -> list[
         data = param.data if data is None else data
         if data.numel() and not bool(torch.isfinite(data).all()):
             bad.append(name)
-    count = torch.tensor([len(bad)], device=accelerator.device)
-    total = int(accelerator.reduce(count, reduction="sum").item())
+    total = sum_over_ranks(accelerator, len(bad))
     return bad if bad or not total else ["(on another rank)"] * total
 
 
@@ -301,11 +302,6 @@ def load_checkpoint(accelerator: Accelerator, path: Path, trust: bool = False) -
     return state
 
 
-def _agreed(accelerator: Accelerator, ok: bool) -> bool:
-    flag = torch.tensor([0 if ok else 1], device=accelerator.device)
-    return int(accelerator.reduce(flag, reduction="sum").item()) == 0
-
-
 def _set_aside(accelerator: Accelerator, damaged: list[Path]) -> None:
     """Renames checkpoints passed over on resume to `.damaged-<name>` (kept for a look, never
     a resume candidate again, and not counted by keep_last, which would otherwise prune the
@@ -337,7 +333,7 @@ def resume(
             state = load_checkpoint(accelerator, path, trust)
         except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as err:
             error = err
-        if _agreed(accelerator, error is None):
+        if all_ranks_ok(accelerator, error is None):
             if reasons:
                 log.warning("resuming from %s; passed over: %s", path, "; ".join(reasons))
                 _set_aside(accelerator, passed)

@@ -58,6 +58,19 @@ class Size:
     steps: dict[str, int] = field(default_factory=dict)  # per stage: mae, align, finetune
 
 
+# Every run of every size: no evaluation or checkpoint on the way (the table scores the test
+# predictions of each row's last run), fp32.
+_RUNS = [
+    "train.eval_every=0",
+    "train.save_every=0",
+    "train.early_stop_metric=",
+    "train.retrieval=false",
+    "train.zero_shot=false",
+    "train.bootstrap=0",
+    "train.progress=false",
+    "train.mixed_precision=no",
+]
+
 _TINY_VIT = [
     "model.vision.patch_size=8",
     "model.vision.embed_dim=32",
@@ -89,14 +102,7 @@ SIZES = {
             "data.shuffle_buffer=32",
             "optim.warmup_steps=2",
             "train.log_every=10",
-            "train.eval_every=0",
-            "train.save_every=0",
-            "train.early_stop_metric=",
-            "train.retrieval=false",
-            "train.zero_shot=false",
-            "train.bootstrap=0",
-            "train.progress=false",
-            "train.mixed_precision=no",
+            *_RUNS,
         ],
         steps={"mae": 20, "align": 15, "finetune": 20},
     ),
@@ -127,14 +133,7 @@ SIZES = {
             "data.shuffle_buffer=256",
             "optim.warmup_steps=20",
             "train.log_every=50",
-            "train.eval_every=0",
-            "train.save_every=0",
-            "train.early_stop_metric=",
-            "train.retrieval=false",
-            "train.zero_shot=false",
-            "train.bootstrap=0",
-            "train.progress=false",
-            "train.mixed_precision=no",
+            *_RUNS,
         ],
         steps={"mae": 600, "align": 300, "finetune": 400},
     ),

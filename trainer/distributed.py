@@ -199,6 +199,17 @@ def check_launch(accelerator: Accelerator, use_deepspeed: bool) -> None:
         )
 
 
+def sum_over_ranks(accelerator: Accelerator, value: int) -> int:
+    """The sum of an integer over every rank (a collective)."""
+    tensor = torch.tensor([value], device=accelerator.device)
+    return int(accelerator.reduce(tensor, reduction="sum").item())
+
+
+def all_ranks_ok(accelerator: Accelerator, ok: bool) -> bool:
+    """True when `ok` holds on every rank (a collective)."""
+    return sum_over_ranks(accelerator, 0 if ok else 1) == 0
+
+
 def describe(accelerator: Accelerator) -> dict:
     """What actually ran, for the run folder and the logs."""
     info = {

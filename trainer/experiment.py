@@ -77,8 +77,6 @@ class Row:
     label: str  # as printed in the table
     group: str  # the table's row group ("Image-only", "(a) Loss components", ...)
     overrides: list[str] = field(default_factory=list)
-    # Two-stage rows: the overrides of a pretraining run whose weights start this row's run.
-    pretrain: list[str] | None = None
     skip: str = ""  # why the row is not run (left in the table with the reason)
     # Multi-stage rows: runs before this row's own, in order, each starting the next.
     stages: list[Stage] = field(default_factory=list)
@@ -182,13 +180,6 @@ def run_folder(out: Path, row: Row, seed: int) -> Path:
     return out / "runs" / row.key / f"seed{seed}"
 
 
-def row_stages(row: Row, exp: Experiment) -> list[Stage]:
-    """The runs before the row's own: `stages`, or the two-stage row's `pretrain`."""
-    if row.pretrain is not None:
-        return [Stage("pretrain", exp.config, row.pretrain), *row.stages]
-    return list(row.stages)
-
-
 def _recorded(cmd: list[str], folder: Path, fresh: bool, init: Path | None) -> dict[str, Any]:
     """Runs `cmd` in `folder` unless the same command already finished there after the run
     it starts from (`init`) did, and not `fresh`; returns {"seconds", "reused"}."""
@@ -229,7 +220,7 @@ def run_row(
     shared = [*shared, f"train.seed={seed}"]
     commands, seconds, reused, init = [], 0.0, True, None
     shared_seconds: dict[str, float] = {}  # shared stages: counted once per experiment
-    for stage in row_stages(row, exp):
+    for stage in row.stages:
         where = out / "stages" / stage.name / f"seed{seed}" if stage.shared else folder / stage.name
         overrides = [*shared, *stage.overrides]
         if init is not None:

@@ -25,12 +25,14 @@ from shards.reader import ShardSet, build_train_loader
 from trainer import checkpoint as ckpt
 from trainer.config import Config, save_config
 from trainer.distributed import (
+    all_ranks_ok,
     build_accelerator,
     describe,
     fill_deepspeed_hidden_auto,
     model_device,
     model_hidden_size,
     optimizer_offloaded,
+    sum_over_ranks,
 )
 from trainer.evaluate import reduce_mean
 from trainer.metrics_log import MetricLogger
@@ -109,13 +111,14 @@ def train_step(
         with accelerator.accumulate(model):
             losses, extras = task.losses(model, batch)
             loss = sum(losses.values())
-            loss_finite &= bool(torch.isfinite(loss.detach()).all())
+            if accelerator.scaler is not None:  # only the fp16 path decides on the loss
+                loss_finite &= bool(torch.isfinite(loss.detach()).all())
             accelerator.backward(loss)
             if accelerator.sync_gradients and not deepspeed:
                 if accelerator.scaler is not None:  # the scaler skips overflowing steps
                     if grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # unscales
-                    stepped = _all_ranks(accelerator, loss_finite)
+                    stepped = all_ranks_ok(accelerator, loss_finite)
                 else:
                     clip = grad_clip if grad_clip > 0 else float("inf")
                     norm = accelerator.clip_grad_norm_(model.parameters(), clip)
@@ -131,11 +134,6 @@ def train_step(
         stepped = getattr(model, "skipped_steps", 0) == skips_before
     keys = [k for b in batches for k in b.get("key", [])]
     return StepResult(dict(totals), stepped, keys)
-
-
-def _all_ranks(accelerator: Accelerator, ok: bool) -> bool:
-    flag = torch.tensor([0 if ok else 1], device=accelerator.device)
-    return int(accelerator.reduce(flag, reduction="sum").item()) == 0
 
 
 def _flat(prefix: str, result: dict[str, Any]) -> dict[str, float]:
@@ -179,8 +177,7 @@ def verify_data(cfg: Config, accelerator: Accelerator) -> None:
     )
     for problem in problems:
         log.error("damaged shard: %s", problem)
-    count = torch.tensor([len(problems)], device=accelerator.device)
-    total = int(accelerator.reduce(count, reduction="sum").item())
+    total = sum_over_ranks(accelerator, len(problems))
     if total:
         raise ValueError(
             f"{total} shard file(s) differ from their manifest (data.verify_shards=start)"
@@ -353,8 +350,7 @@ def run(
                     samples * accelerator.num_processes / max(elapsed, 1e-9)
                 )
                 metrics["train/nonfinite_skipped"] = state.nonfinite_skipped
-                skipped = torch.tensor(state.skipped, device=accelerator.device)
-                metrics["data/skipped"] = int(accelerator.reduce(skipped, reduction="sum"))
+                metrics["data/skipped"] = sum_over_ranks(accelerator, state.skipped)
                 logger.log(state.step, metrics)
                 window, window_steps, window_len = defaultdict(float), 0, 0
                 window_start = time.perf_counter()

@@ -1,7 +1,7 @@
 """A job never hangs silently: heartbeats name a stalled rank, and workers outlive no launcher.
 
-- Every rank writes `RUN_DIR/heartbeat/rank_R.json` (step, phase, time, host, pid) at each
-  step and phase, and a thread rewrites it every 2 s, so a rank waiting in a collective stays
+- Every rank records its step and phase as it goes, and a thread writes them to
+  `RUN_DIR/heartbeat/rank_R.json` (with time, host, pid) every 2 s, so a rank waiting in a collective stays
   fresh while a stopped or hung one falls silent. When a collective times out
   (`train.collective_timeout_s`), the rank that waited reads the others' heartbeats and the
   error names the rank heard from longest ago, with its last step and phase; the process
@@ -28,11 +28,10 @@ HEARTBEAT_DIR = "heartbeat"
 
 
 class Heartbeat:
-    """This rank's last known position; `beat` costs one small file write.
-
-    A background thread rewrites the file every `interval_s` as well, so a rank that is only
-    waiting in a collective stays fresh while a stopped or hung process (every thread of it)
-    falls silent: the rank heard from longest ago is the one to blame."""
+    """This rank's last known position. `beat` only records it; a background thread writes the
+    file every `interval_s`, so a rank that is only waiting in a collective stays fresh while
+    a stopped or hung process (every thread of it) falls silent: the rank heard from longest
+    ago is the one to blame."""
 
     def __init__(
         self, output_dir: str, rank: int, world_size: int, interval_s: float = 2.0
@@ -41,10 +40,9 @@ class Heartbeat:
         self.rank, self.world_size = rank, world_size
         self.enabled = world_size > 1
         self.step, self.phase = 0, "start"
-        self._lock = threading.Lock()
         if self.enabled:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.beat(0, "start")
+            self._write()
             threading.Thread(
                 target=self._keep_beating,
                 args=(interval_s,),
@@ -55,28 +53,30 @@ class Heartbeat:
     def _keep_beating(self, interval_s: float) -> None:
         while True:
             time.sleep(interval_s)
-            self.beat(self.step, self.phase)
+            self._write()
 
     def beat(self, step: int, phase: str) -> None:
+        """Where this rank is now; the thread writes it (the step loop does no I/O for it)."""
         self.step, self.phase = step, phase
+
+    def _write(self) -> None:
         if not self.enabled:
             return
         record = {
             "rank": self.rank,
-            "step": step,
-            "phase": phase,
+            "step": self.step,
+            "phase": self.phase,
             "time": time.time(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
         path = self.folder / f"rank_{self.rank}.json"
         tmp = path.with_name(f".{path.name}.tmp")
-        with self._lock:  # the step's beat and the thread's share the temporary file
-            try:
-                tmp.write_text(json.dumps(record))
-                os.replace(tmp, path)
-            except OSError:  # a heartbeat is a diagnostic: it never stops training
-                pass
+        try:  # only the thread writes once it runs
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        except OSError:  # a heartbeat is a diagnostic: it never stops training
+            pass
 
     def others(self) -> list[dict]:
         records = []
