@@ -404,6 +404,15 @@ class AlifuseModel(nn.Module):
         self.text_split = n_text_layers - n_txt + shared if n_txt else n_text_layers
         self.max_log_scale = math.log(cfg.max_logit_scale)
 
+    def train(self, mode: bool = True) -> AlifuseModel:
+        """Like nn.Module.train, but a frozen text tower (no parameter trains) stays in eval
+        mode: its dropout is off, so it maps a text to the same states every step (the states
+        a text cache stores, trainer/text_cache.py)."""
+        super().train(mode)
+        if self.text is not None and not any(p.requires_grad for p in self.text.parameters()):
+            self.text.eval()
+        return self
+
     @property
     def tokenizer(self):
         """The text tower's tokenizer (the reader tokenizes batches with it); None without one."""
@@ -462,11 +471,18 @@ class AlifuseModel(nn.Module):
             return {"tokens": image_tokens}
         return {"emb": F.normalize(self.image_proj(self.visual.pool(image_tokens)), dim=-1)}
 
-    def text_state(self, text_tokens: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+    def text_state(
+        self,
+        text_tokens: Tensor | None,
+        attention_mask: Tensor | None,
+        pooled: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Text states (B, L, Dt), mask (B, L) -> {"emb": (B, embed_dim)} L2-normalised, and
-        with the attention pool also the tokens and mask it pools."""
-        pooled = self.text.pool(text_tokens, attention_mask)
-        state = {"emb": F.normalize(self.text_proj(pooled), dim=-1)}
+        with the attention pool also the tokens and mask it pools. `pooled` (B, Dt): the
+        tower's pooled vectors when given instead of the states (a text cache)."""
+        if pooled is None:
+            pooled = self.text.pool(text_tokens, attention_mask)
+        state = {"emb": F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)), dim=-1)}
         if self.attention_pool is not None:
             state.update(tokens=text_tokens, mask=attention_mask)
         return state
@@ -527,6 +543,8 @@ class AlifuseModel(nn.Module):
         image = batch.get("image") if self.visual is not None else None
         ids, mask = batch.get("input_ids"), batch.get("attention_mask")
         has_text = self.text is not None
+        # A text cache (trainer/text_cache.py): the frozen tower's stored output stands in for it.
+        cached_pooled = batch.get("text_pooled")
         from_full = cfg.unimodal_image == "full"  # where ITC's z_I comes from
 
         needs_image_context = self.use_itc or (self.use_mlm and len(self.text_cross))
@@ -545,8 +563,8 @@ class AlifuseModel(nn.Module):
             if len(self.text_cross):  # a trunk shared with the grounded pass over the text
                 text_trunk = self.text.run_layers(self.text.embed(ids), mask, 0, self.text_split)
                 text_tokens = self.text.run_layers(text_trunk, mask, self.text_split)
-            else:
-                text_tokens = self.text.forward_features(ids, mask)  # (B, L, Dt)
+            elif cached_pooled is None:
+                text_tokens = self._text_features(batch)  # (B, L, Dt)
         if image is not None and (self.use_cls or (needs_image_context and from_full)):
             full_trunk, _ = self.image_trunk(image)
             full_tokens = self.image_unimodal(full_trunk)  # (B, 1 + N, Di)
@@ -571,7 +589,7 @@ class AlifuseModel(nn.Module):
         if self.use_itc:
             scale = self.scale()
             image_state = self.image_state(image_tokens)
-            text_state = self.text_state(text_tokens, mask)
+            text_state = self.text_state(text_tokens, mask, cached_pooled)
             if self.attention_pool is None:
                 itc = self.clip_loss(image_state["emb"], text_state["emb"], scale)
             else:
@@ -596,7 +614,7 @@ class AlifuseModel(nn.Module):
 
         if self.use_cls:
             logits = self.fusion_head(
-                self._fused(full_trunk, full_tokens, text_trunk, text_tokens, mask)
+                self._fused(full_trunk, full_tokens, text_trunk, text_tokens, mask, cached_pooled)
             )
             out["logits"] = logits  # (B, num_classes)
             if cfg.cls_weight:
@@ -612,9 +630,11 @@ class AlifuseModel(nn.Module):
         text_trunk: Tensor | None,
         text_tokens: Tensor | None,
         attention_mask: Tensor | None,
+        text_pooled: Tensor | None = None,
     ) -> Tensor:
         """The classifier's input (B, Di + Dt): pooled image and text features of the whole
-        inputs, unimodal or (`fusion_features: grounded`) from the grounded encoders."""
+        inputs, unimodal or (`fusion_features: grounded`) from the grounded encoders.
+        `text_pooled`: the text tower's pooled vectors from a text cache."""
         parts = []
         if self.cfg.fusion_features == "grounded":
             parts.append(
@@ -631,9 +651,22 @@ class AlifuseModel(nn.Module):
             return torch.cat(parts, dim=-1)
         if image_tokens is not None:
             parts.append(self.visual.pool(image_tokens))
-        if text_tokens is not None:
+        if text_pooled is not None:
+            parts.append(text_pooled.to(parts[0].dtype if parts else text_pooled.dtype))
+        elif text_tokens is not None:
             parts.append(self.text.pool(text_tokens, attention_mask))
         return torch.cat(parts, dim=-1)
+
+    def _text_features(self, batch: dict[str, Any]) -> Tensor:
+        """The text tower's last states (B, L, Dt) of the batch's whole texts: from a text
+        cache's `text_hidden` when the batch has it (the tower is not run), else the tower."""
+        cached = batch.get("text_hidden")
+        if cached is not None:  # in the dtype the tower returns (LLaMA: float32, BERT: its own)
+            dtype = (
+                torch.float32 if isinstance(self.text, LlamaTower) else self.text_proj.weight.dtype
+            )
+            return cached.to(dtype)
+        return self.text.forward_features(batch["input_ids"], batch["attention_mask"])
 
     def _forward_embed(self, batch: dict[str, Any]) -> dict[str, Any]:
         if not self.use_itc:
@@ -644,11 +677,11 @@ class AlifuseModel(nn.Module):
         out: dict[str, Any] = {"logit_scale": self.scale().detach().squeeze()}
         if "image" in batch:
             out["image"] = self.image_state(self.visual.forward_features(batch["image"]))
-        if "input_ids" in batch:
+        if "text_pooled" in batch:
+            out["text"] = self.text_state(None, None, batch["text_pooled"])
+        elif "input_ids" in batch or "text_hidden" in batch:
             mask = batch["attention_mask"]
-            out["text"] = self.text_state(
-                self.text.forward_features(batch["input_ids"], mask), mask
-            )
+            out["text"] = self.text_state(self._text_features(batch), mask)
         return out
 
 

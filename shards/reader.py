@@ -37,9 +37,20 @@ the same for both. The batch keys are fixed per format:
     bool, key / split / text (lists of str), group (list of str: the study id; images of one study
     share one report, so retrieval counts any image of the group as a match), worker, skipped
 
-worker, skipped and read: the loader stream a batch came from, the samples that stream lost or
-rejected so far, and the raw samples it read so far (what a checkpoint records per stream).
-Eval padding rows (valid=False) repeat the rank's last sample, key and group included.
+Texts are right-padded to the batch's longest text, rounded up to a multiple of 8 (at most
+the tower's max length; `data.pad_to: max_length` pads every batch to it), so L varies from
+batch to batch; text_tokens (B,) holds each text's real token count. With
+`data.bucket_batches: K` the training stream takes K batches' worth of samples from the shuffle
+buffer at a time, sorts them by text length, cuts them into batches and yields those in a
+seeded order, so a batch's texts are of similar length (padded / real tokens near 1). With a
+text cache (frozen text towers, trainer/text_cache.py) a batch carries the stored text states
+(text_pooled (B, H), or text_hidden (B, L, H) with attention_mask) instead of input_ids.
+
+worker, skipped, read and pool_pos: the loader stream a batch came from, the samples that
+stream lost or rejected so far, the raw samples it read so far, and (length bucketing) which
+batch of its pool it is; with bucketing, read and skipped are counted where its pool began.
+A checkpoint records them per stream. Eval padding rows (valid=False) repeat the rank's last
+sample, key and group included.
 """
 
 from __future__ import annotations
@@ -146,6 +157,19 @@ class DataConfig:
     # The training stream stops with an error naming the split and the first reasons after
     # this many samples in a row were lost (unreadable tar) or could not be decoded.
     max_failures_in_row: int = 100
+    # How a batch's texts are padded: to its longest text, rounded up to a multiple of 8 (and
+    # never past the model's max length), or every batch to the model's max length.
+    pad_to: Literal["longest", "max_length"] = "longest"
+    # Length bucketing of the training stream: this many batches' worth of samples leave the
+    # shuffle buffer together, are sorted by text length, cut into batches, and those batches
+    # are yielded in a seeded random order (0: off). Batches then hold texts of similar length,
+    # so padding to the longest wastes little. Exact resume is kept (see TrainStream).
+    bucket_batches: int = 0
+    # Frozen text towers: each split's text states computed once and stored (trainer/text_cache.py);
+    # the training step then never runs the text tower. "" = beside the shards
+    # (<split>/text_cache); a folder = there (for read-only dataset folders).
+    text_cache: bool = False
+    text_cache_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -156,6 +180,8 @@ class DataConfig:
                 f"prompt_template={self.prompt_template!r}: expected {{text}} exactly once "
                 "(where the report goes), or an empty string"
             )
+        if self.bucket_batches < 0:
+            raise ValueError(f"bucket_batches={self.bucket_batches}: expected >= 0 (0: off)")
         if self.max_failures_in_row < 1:
             raise ValueError(f"max_failures_in_row={self.max_failures_in_row}: expected >= 1")
         if self.num_workers < 0:
@@ -503,28 +529,77 @@ def _stack_images(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))
 
 
-class _Batcher:
-    """Collates decoded samples and tokenizes their texts to a fixed length."""
+PAD_MULTIPLE = 8  # batches padded to their longest text are rounded up to this many tokens
 
-    def __init__(self, tokenizer: Any, max_length: int, fmt: str = AD_FORMAT) -> None:
+
+def padded_width(longest: int, max_length: int) -> int:
+    """The width a batch whose longest text has `longest` tokens is padded to: the next
+    multiple of PAD_MULTIPLE, never past `max_length` (at least 1)."""
+    return max(1, min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
+
+
+class _Batcher:
+    """Collates decoded samples and tokenizes their texts, right-padded to the batch's longest
+    text (`pad_to="longest"`: a multiple of 8, at most max_length) or to max_length.
+
+    With a `text_cache` (trainer.text_cache.TextCache) the texts are not tokenized: the batch
+    carries the frozen tower's stored states for its sample keys instead (`text_pooled`, or
+    `text_hidden` with its `attention_mask`), and `text_tokens` (B,) the texts' lengths.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        fmt: str = AD_FORMAT,
+        pad_to: str = "max_length",
+        text_cache: Any = None,
+    ) -> None:
         if fmt not in SIZE_KEYS:
             raise ValueError(f"unknown shard format {fmt!r}: expected one of {FORMATS}")
+        side = getattr(tokenizer, "padding_side", "right")
+        if tokenizer is not None and side != "right":
+            raise ValueError(
+                f"the tokenizer pads on the {side}; the reader and the towers expect right "
+                "padding (tokenizer.padding_side = 'right')"
+            )
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.format = fmt
+        self.pad_to = pad_to
+        self.text_cache = text_cache
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> input_ids and attention_mask (B, L), truncated to max_length; L per pad_to."""
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        if self.pad_to == "longest":  # right padding: the columns past the longest are padding
+            width = padded_width(int(mask.sum(1).max()), self.max_length)
+            ids, mask = ids[:, :width].contiguous(), mask[:, :width].contiguous()
+        return ids, mask
+
+    def lengths(self, samples: list[dict[str, Any]]) -> list[int]:
+        """Each sample's text length in tokens, as it will be batched (length bucketing)."""
+        if self.text_cache is not None:
+            return self.text_cache.lengths([s["key"] for s in samples]).tolist()
+        if self.tokenizer is None:
+            return [0] * len(samples)
+        _, mask = self.tokenize([s["text"] for s in samples])
+        return mask.sum(1).tolist()
 
     def __call__(self, samples: list[dict[str, Any]], valid: list[bool]) -> dict[str, Any]:
         out = {"image": _stack_images([s["image"] for s in samples])}
-        if self.tokenizer is not None:  # image-only models batch no text
-            tokens = self.tokenizer(
-                [s["text"] for s in samples],
-                padding="max_length",
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            out["input_ids"] = tokens["input_ids"]
-            out["attention_mask"] = tokens["attention_mask"]
+        if self.text_cache is not None:
+            out.update(self.text_cache.lookup([s["key"] for s in samples]))
+        elif self.tokenizer is not None:  # image-only models batch no text
+            out["input_ids"], out["attention_mask"] = self.tokenize([s["text"] for s in samples])
+            out["text_tokens"] = out["attention_mask"].sum(1)
         if self.format == CXR_FORMAT:
             out["labels"] = torch.stack([s["labels"] for s in samples])
             out["label_mask"] = torch.stack([s["label_mask"] for s in samples])
@@ -700,6 +775,7 @@ class TrainStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        text_cache: Any = None,
     ) -> None:
         super().__init__()
         self.shards, self.cfg, self.rank, self.world_size, self.seed = (
@@ -709,10 +785,11 @@ class TrainStream(IterableDataset):
             world_size,
             seed,
         )
-        self.batcher = _Batcher(tokenizer, max_length, shards.format)
+        self.batcher = _Batcher(tokenizer, max_length, shards.format, cfg.pad_to, text_cache)
         self.decode = sample_decoder(shards, cfg)
         self.start_batch = 0
-        self.resume_counts: dict[int, tuple[int, int]] = {}  # worker -> (samples read, lost)
+        # worker -> (samples read, lost, batches of a length-bucketing pool consumed)
+        self.resume_counts: dict[int, tuple[int, ...]] = {}
         self.counter = SkipCounter()
         self.expected = dict(shards.shards)
         self.keep = fraction_keys(shards, cfg.label_fraction, cfg.label_fraction_seed)
@@ -725,14 +802,17 @@ class TrainStream(IterableDataset):
             )
 
     def set_start(
-        self, batches_consumed: int, resume_counts: dict[int, tuple[int, int]] | None = None
+        self, batches_consumed: int, resume_counts: dict[int, tuple[int, ...]] | None = None
     ) -> None:
         """Resume: the first `batches_consumed` batches of this rank's stream are skipped.
 
-        ``resume_counts``: per stream (a batch's "worker"), the raw samples it had read and the
-        samples it had lost or rejected when its last consumed batch was made (a batch's "read"
-        and "skipped"). With them the stream passes over exactly the samples it read (rejected
-        ones included) and its loss count goes on from where it was."""
+        ``resume_counts``: per stream (a batch's "worker"), what its last consumed batch
+        reported: "read" and "skipped" (the raw samples the stream had read and the samples it
+        had lost or rejected when the batch was made; with length bucketing, before the batch's
+        pool began) and "pool_pos" (how many batches of that pool had been yielded; 0 without
+        bucketing). With them the stream passes over exactly the samples it read (rejected ones
+        included), rebuilds a pool it was inside of and drops its consumed batches, and its
+        loss count goes on from where it was."""
         self.start_batch = batches_consumed
         self.resume_counts = dict(resume_counts or {})
 
@@ -786,30 +866,57 @@ class TrainStream(IterableDataset):
         # (w + start) % num_workers, so batch i of the resumed run is batch start + i of the first.
         worker = (loader_worker + self.start_batch) % num_workers
         skip = len(range(worker, self.start_batch, num_workers)) * bs
+        drop = 0
         if worker in self.resume_counts:
-            skip, self.counter.base = self.resume_counts[worker]
+            skip, self.counter.base, *rest = self.resume_counts[worker]
+            drop = rest[0] if rest else 0
         self.counter.where = f"{self.shards.folder} (rank {self.rank}, stream {worker})"
         self.counter.max_in_row = self.cfg.max_failures_in_row
         self.counter.muted = skip > 0  # what it lost there is in the carried-over count
-        read = 0
-        batch: list[dict[str, Any]] = []
+        pool_size = bs * max(1, self.cfg.bucket_batches)
+        read = pool_read = pool_skipped = 0
+        pool: list[dict[str, Any]] = []
         for raw in self._raw_samples(worker, num_workers):
             read += 1
             if skip > 0:
                 skip -= 1
                 self.counter.muted = skip > 0
                 continue
+            if not pool:  # where a resume into this pool starts reading again
+                pool_read, pool_skipped = read - 1, self.counter.total
             try:
-                batch.append(self.decode(raw))
+                pool.append(self.decode(raw))
             except Exception as err:  # one bad sample never stops a run
                 self.counter.add("undecodable", str(err))
                 continue
             self.counter.ok()
-            if len(batch) == bs:
-                out = self.batcher(batch, [True] * bs)
-                out["worker"], out["skipped"], out["read"] = worker, self.counter.total, read
+            if len(pool) < pool_size:
+                continue
+            if not self.cfg.bucket_batches:
+                out = self.batcher(pool, [True] * bs)
+                out.update(worker=worker, skipped=self.counter.total, read=read, pool_pos=0)
                 yield out
-                batch = []
+            else:
+                for out in self._buckets(pool, worker, pool_read, pool_skipped):
+                    if drop > 0:  # consumed before the checkpoint this run resumed from
+                        drop -= 1
+                        continue
+                    yield out
+            pool = []
+
+    def _buckets(
+        self, pool: list[dict[str, Any]], worker: int, pool_read: int, pool_skipped: int
+    ) -> Iterator[dict[str, Any]]:
+        """A length-bucketing pool -> its batches: sorted by text length, cut, seeded order."""
+        bs = self.cfg.batch_size
+        lengths = self.batcher.lengths(pool)
+        order = sorted(range(len(pool)), key=lambda i: (lengths[i], i))
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+        random.Random(f"buckets-{self.seed}-{self.rank}-{worker}-{pool_read}").shuffle(batches)
+        for pos, index in enumerate(batches, 1):
+            out = self.batcher([pool[i] for i in index], [True] * bs)
+            out.update(worker=worker, skipped=pool_skipped, read=pool_read, pool_pos=pos)
+            yield out
 
 
 class EvalStream(IterableDataset):
@@ -823,10 +930,11 @@ class EvalStream(IterableDataset):
         max_length: int,
         rank: int = 0,
         world_size: int = 1,
+        text_cache: Any = None,
     ) -> None:
         super().__init__()
         self.shards, self.cfg, self.rank, self.world_size = shards, cfg, rank, world_size
-        self.batcher = _Batcher(tokenizer, max_length, shards.format)
+        self.batcher = _Batcher(tokenizer, max_length, shards.format, cfg.pad_to, text_cache)
         self.decode = sample_decoder(shards, cfg)
         self.counter = SkipCounter(str(shards.folder))
         self.per_rank = -(-shards.num_samples // world_size)
@@ -858,7 +966,7 @@ class EvalStream(IterableDataset):
         bs = self.cfg.eval_batch_size
         for i in range(0, self.per_rank, bs):
             out = self.batcher(mine[i : i + bs], valid[i : i + bs])
-            out["worker"], out["skipped"], out["read"] = 0, self.counter.total, 0
+            out.update(worker=0, skipped=self.counter.total, read=0, pool_pos=0)
             yield out
 
 
@@ -881,12 +989,13 @@ def build_train_loader(
     world_size: int,
     seed: int,
     start_batch: int = 0,
-    resume_counts: dict[int, tuple[int, int]] | None = None,
+    resume_counts: dict[int, tuple[int, ...]] | None = None,
+    text_cache: Any = None,
 ) -> DataLoader:
     """An endless DataLoader over this rank's share of the training split (resumed: see
-    `TrainStream.set_start`)."""
+    `TrainStream.set_start`; `text_cache`: see `_Batcher`)."""
     stream = TrainStream(
-        ShardSet.load(split_dir), cfg, tokenizer, max_length, rank, world_size, seed
+        ShardSet.load(split_dir), cfg, tokenizer, max_length, rank, world_size, seed, text_cache
     )
     stream.set_start(start_batch, resume_counts)
     return DataLoader(
@@ -902,7 +1011,15 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    split_dir: str, cfg: DataConfig, tokenizer: Any, max_length: int, rank: int, world_size: int
+    split_dir: str,
+    cfg: DataConfig,
+    tokenizer: Any,
+    max_length: int,
+    rank: int,
+    world_size: int,
+    text_cache: Any = None,
 ) -> DataLoader:
-    stream = EvalStream(ShardSet.load(split_dir), cfg, tokenizer, max_length, rank, world_size)
+    stream = EvalStream(
+        ShardSet.load(split_dir), cfg, tokenizer, max_length, rank, world_size, text_cache
+    )
     return DataLoader(stream, batch_size=None, num_workers=0)

@@ -44,6 +44,8 @@ CXR_KEYS = {
     "worker",
     "skipped",
     "read",
+    "pool_pos",
+    "text_tokens",
 }
 
 

@@ -232,6 +232,8 @@ def test_manifest_format_and_ad_batch_keys(tmp_path, ad_shards):
         "worker",
         "skipped",
         "read",
+        "pool_pos",
+        "text_tokens",
     }
     assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["label"].dtype == torch.long
     assert batch["binary"].dtype == torch.bool and all(batch["subject"])

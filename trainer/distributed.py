@@ -199,10 +199,12 @@ def check_launch(accelerator: Accelerator, use_deepspeed: bool) -> None:
         )
 
 
-def sum_over_ranks(accelerator: Accelerator, value: int) -> int:
-    """The sum of an integer over every rank (a collective)."""
-    tensor = torch.tensor([value], device=accelerator.device)
-    return int(accelerator.reduce(tensor, reduction="sum").item())
+def sum_over_ranks(accelerator: Accelerator, value: int | list[int]) -> int | list[int]:
+    """The sum of an integer (or of each of a list of integers) over every rank (a collective)."""
+    values = value if isinstance(value, list) else [value]
+    tensor = torch.tensor(values, device=accelerator.device, dtype=torch.long)
+    summed = [int(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
+    return summed if isinstance(value, list) else summed[0]
 
 
 def all_ranks_ok(accelerator: Accelerator, ok: bool) -> bool:

@@ -38,7 +38,10 @@ class SplitEmbeddings:
     share, during the same pass that computes the losses, so the split is read once);
     `gather` returns the whole split's."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_length: int = 0) -> None:
+        # Text tokens (attention pooling) are padded to this width, so batches padded to their
+        # own longest text concatenate (and gather across ranks).
+        self.max_length = max_length
         self.parts: dict[str, list[Tensor]] = defaultdict(list)
         self.groups: list[Any] = []
         self.keys: list[str] = []
@@ -49,8 +52,11 @@ class SplitEmbeddings:
         """One moved batch through `model(batch, embed=True)` (the model in eval mode)."""
         out = model(batch, embed=True)
         for side in ("image", "text"):
-            for key, value in out[side].items():
+            for key, value in out.get(side, {}).items():
                 value = value.float() if value.is_floating_point() else value
+                if side == "text" and key in ("tokens", "mask") and self.max_length:
+                    pad = [0, 0] * (value.ndim - 2) + [0, self.max_length - value.shape[1]]
+                    value = torch.nn.functional.pad(value, pad)  # zeros: masked out
                 self.parts[f"{side}.{key}"].append(value)
         for key in ("valid", "labels", "label_mask"):
             if key in batch:

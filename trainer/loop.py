@@ -35,11 +35,13 @@ from trainer.distributed import (
     sum_over_ranks,
 )
 from trainer.evaluate import reduce_mean
+from trainer.flops import StepFlops, peak_flops
 from trainer.metrics_log import MetricLogger
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.plots import plot_losses
 from trainer.run_state import EarlyStopping, RunState, check_resume, data_fingerprint
 from trainer.tasks import EvalContext, Task, build_task
+from trainer.text_cache import TextCache, prepare_text_cache
 from trainer.watchdog import Heartbeat, is_collective_timeout, watch_parent
 
 log = logging.getLogger("medalign")
@@ -134,6 +136,85 @@ def train_step(
         stepped = getattr(model, "skipped_steps", 0) == skips_before
     keys = [k for b in batches for k in b.get("key", [])]
     return StepResult(dict(totals), stepped, keys)
+
+
+class StepSpeed:
+    """What a cluster user watches, over a logging window: samples/s and real text tokens/s
+    (all ranks), the padded / real text token ratio, the fraction of the window spent waiting
+    for the loader, and with a known GPU the MFU (trainer/flops.py)."""
+
+    def __init__(self) -> None:
+        self.samples = self.tokens = self.padded = 0
+        self.wait = 0.0
+        self.flop_samples = 0.0  # sum over samples of their mean-token model FLOPs
+
+    def add_batches(self, batches: list[dict[str, Any]], waited: float) -> None:
+        self.wait += waited
+        for batch in batches:
+            n = len(batch["key"])
+            self.samples += n
+            if "text_tokens" in batch:
+                self.tokens += int(batch["text_tokens"].sum())
+                mask = batch.get("attention_mask")
+                self.padded += mask.numel() if mask is not None else int(batch["text_tokens"].sum())
+
+    def metrics(
+        self, accelerator: Accelerator, elapsed: float, flops: StepFlops, peak: float | None
+    ) -> dict[str, float]:
+        elapsed = max(elapsed, 1e-9)
+        samples, tokens, padded = sum_over_ranks(
+            accelerator, [self.samples, self.tokens, self.padded]
+        )
+        out = {
+            "train/samples_per_s": samples / elapsed,
+            "train/data_wait": self.wait / elapsed,  # this rank's share of the window
+        }
+        if tokens:
+            out["train/text_tokens_per_s"] = tokens / elapsed
+            out["train/padded_per_real_tokens"] = padded / tokens
+        per_sample = flops.per_sample(tokens / max(samples, 1))
+        if per_sample is not None:
+            out["train/tflops_per_s"] = per_sample * samples / elapsed / 1e12
+            if peak is not None:
+                out["train/mfu"] = (
+                    per_sample * samples / elapsed / (peak * accelerator.num_processes)
+                )
+        return out
+
+    @staticmethod
+    def postfix(rates: dict[str, float]) -> dict[str, str]:
+        """The progress bar's short form."""
+        bar = {"smp/s": f"{rates['train/samples_per_s']:.1f}"}
+        if "train/text_tokens_per_s" in rates:
+            bar["tok/s"] = f"{rates['train/text_tokens_per_s']:.0f}"
+        bar["wait"] = f"{rates['train/data_wait']:.0%}"
+        if "train/mfu" in rates:
+            bar["mfu"] = f"{rates['train/mfu']:.1%}"
+        return bar
+
+
+def build_text_caches(
+    cfg: Config, model: torch.nn.Module, accelerator: Accelerator
+) -> dict[str, TextCache]:
+    """data.text_cache: every split the run reads (train, val, the eval splits) -> its cache."""
+    if not cfg.data.text_cache:
+        return {}
+    splits = ["train", *cfg.train.eval_splits]
+    if cfg.train.eval_every and "val" not in splits:
+        splits.append("val")
+    caches = {}
+    for split in splits:
+        folder = cfg.data.split_dir(split)
+        if folder not in caches:
+            caches[folder] = prepare_text_cache(
+                model,
+                cfg.data,
+                folder,
+                cfg.model.text_max_length,
+                accelerator,
+                cfg.data.eval_batch_size,
+            )
+    return caches
 
 
 def _flat(prefix: str, result: dict[str, Any]) -> dict[str, float]:
@@ -249,7 +330,10 @@ def run(
     optimizer = build_optimizer(model, cfg.optim, optimizer_offloaded(accelerator))
     model, optimizer = accelerator.prepare(model, optimizer)
     move = Mover(accelerator)
-    ctx = EvalContext(cfg, model, accelerator, move, tokenizer, out_dir)
+    caches = build_text_caches(cfg, accelerator.unwrap_model(model), accelerator)
+    ctx = EvalContext(cfg, model, accelerator, move, tokenizer, out_dir, caches)
+    flops = StepFlops(accelerator.unwrap_model(model), text_cached=bool(caches))
+    peak = peak_flops(accelerator.device)
 
     tc = cfg.train
     stopper = (
@@ -292,11 +376,13 @@ def run(
         tc.seed,
         start_batch=state.batches_consumed,
         resume_counts=state.streams,
+        text_cache=caches.get(cfg.data.train),
     )
     logger = MetricLogger(tc.output_dir, main)
     data = iter(loader)
     window: dict[str, float] = defaultdict(float)
-    window_steps, window_start, window_len = 0, time.perf_counter(), 0
+    window_steps, window_start = 0, time.perf_counter()
+    speed = StepSpeed()
     pbar = tqdm(
         total=tc.max_steps, initial=state.step, disable=not (main and tc.progress), desc="train"
     )
@@ -306,13 +392,19 @@ def run(
             heart.beat(state.step, "train step")
             lr = lr_at(state.step, cfg.optim, tc.max_steps)
             set_lr(optimizer, lr)
-            micro = [move(next(data)) for _ in range(tc.grad_accum)]
+            waited = time.perf_counter()
+            raw = [next(data) for _ in range(tc.grad_accum)]
+            speed.add_batches(raw, time.perf_counter() - waited)
+            micro = [move(batch) for batch in raw]
             state.batches_consumed += tc.grad_accum
             for batch in micro:  # cumulative per loader stream
-                state.streams[batch["worker"]] = (batch["read"], batch["skipped"])
+                state.streams[batch["worker"]] = (
+                    batch["read"],
+                    batch["skipped"],
+                    batch["pool_pos"],
+                )
             result = train_step(task, model, micro, optimizer, accelerator, tc.grad_clip)
             state.step += 1
-            window_len += 1
             pbar.update(1)
             if result.stepped:
                 state.nonfinite_in_row = 0
@@ -336,23 +428,22 @@ def run(
                     )
                 log.warning("%s; skipped (%d in a row)", message, state.nonfinite_in_row)
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                metrics = {}
+                metrics, postfix = {}, {}
                 if window_steps:
                     means = reduce_mean(
                         accelerator, {k: v / window_steps for k, v in window.items()}
                     )
                     metrics = {f"train/{k}": v for k, v in means.items()}
-                    pbar.set_postfix(loss=f"{means['loss']:.4f}")
-                elapsed = time.perf_counter() - window_start
-                samples = window_len * tc.grad_accum * cfg.data.batch_size
+                    postfix["loss"] = f"{means['loss']:.4f}"
                 metrics["train/lr"] = lr
-                metrics["train/samples_per_s"] = (
-                    samples * accelerator.num_processes / max(elapsed, 1e-9)
-                )
+                rates = speed.metrics(accelerator, time.perf_counter() - window_start, flops, peak)
+                metrics.update(rates)
+                pbar.set_postfix({**postfix, **speed.postfix(rates)})
+                speed = StepSpeed()
                 metrics["train/nonfinite_skipped"] = state.nonfinite_skipped
                 metrics["data/skipped"] = sum_over_ranks(accelerator, state.skipped)
                 logger.log(state.step, metrics)
-                window, window_steps, window_len = defaultdict(float), 0, 0
+                window, window_steps = defaultdict(float), 0
                 window_start = time.perf_counter()
             step = state.step
             if tc.eval_every and step % tc.eval_every == 0 and (step < tc.max_steps or stopper):

@@ -4,7 +4,8 @@ fingerprint a resume is checked against.
 The fingerprint holds every setting that decides which samples step N+1 sees: the training
 split's manifest (its sha256, which covers every shard's sha256 and sample count), batch size,
 loader workers, world size, gradient accumulation, seed, shuffle buffer, resampling, label
-policy, label fraction, clinical-text rendering, the prompt template and the text length. A resume whose fingerprint
+policy, label fraction, clinical-text rendering, the prompt template, the text length and length
+bucketing (recorded when on). A resume whose fingerprint
 differs from the checkpoint's is refused, naming each key with its old and new value; with
 `--allow-resume-changes` it goes on and logs what changes (the sample stream is then not the
 one the checkpoint left: samples may repeat or be skipped). The data *path* is not part of it:
@@ -31,7 +32,9 @@ def manifest_sha256(split_dir: str) -> str:
 
 def data_fingerprint(cfg: Any, world_size: int) -> dict[str, Any]:
     d = cfg.data
+    bucketing = {"bucket_batches": d.bucket_batches} if d.bucket_batches else {}
     return {
+        **bucketing,
         "train_manifest_sha256": manifest_sha256(d.train),
         "batch_size": d.batch_size,
         "num_workers": d.num_workers,
@@ -134,21 +137,22 @@ class RunState:
     step: int = 0
     batches_consumed: int = 0
     # This rank's loader streams (the worker id a batch reports): (raw samples read, samples
-    # lost or rejected) when its last consumed batch was made; a resumed stream goes on from
-    # there. The checkpoint holds every rank's (`to_json(..., all_streams)`).
-    streams: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # lost or rejected, batches of a length-bucketing pool consumed) as its last consumed batch
+    # reported them; a resumed stream goes on from there (shards.reader.TrainStream.set_start).
+    # The checkpoint holds every rank's (`to_json(..., all_streams)`).
+    streams: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     nonfinite_skipped: int = 0  # optimizer steps skipped for non-finite gradients, in all
     nonfinite_in_row: int = 0
 
     @property
     def skipped(self) -> int:
-        return sum(lost for _, lost in self.streams.values())
+        return sum(counts[1] for counts in self.streams.values())
 
     def to_json(
         self,
         fingerprint: dict[str, Any],
         stopper: EarlyStopping | None,
-        all_streams: list[dict[int, tuple[int, int]]],
+        all_streams: list[dict[int, tuple[int, int, int]]],
     ) -> dict:
         """`all_streams`: every rank's `streams`, in rank order (gathered by the caller)."""
         return {
@@ -171,7 +175,11 @@ class RunState:
         return cls(
             step=int(state["step"]),
             batches_consumed=int(state["batches_consumed"]),
-            streams={int(k): (int(v[0]), int(v[1])) for k, v in mine.items()},
+            # (read, lost) from checkpoints written before length bucketing: no pool to re-enter
+            streams={
+                int(k): (int(v[0]), int(v[1]), int(v[2]) if len(v) > 2 else 0)
+                for k, v in mine.items()
+            },
             nonfinite_skipped=int(state.get("nonfinite_skipped", 0)),
             nonfinite_in_row=int(state.get("nonfinite_in_row", 0)),
         )

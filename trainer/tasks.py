@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,6 +53,7 @@ class EvalContext:
     move: Any  # batch -> batch on the device (trainer.loop.Mover)
     tokenizer: Any
     out_dir: Path
+    text_caches: dict[str, Any] = field(default_factory=dict)  # split folder -> its text cache
 
     def loader(self, folder: str):
         return build_eval_loader(
@@ -62,6 +63,7 @@ class EvalContext:
             self.cfg.model.text_max_length,
             self.accelerator.process_index,
             self.accelerator.num_processes,
+            self.text_caches.get(folder),
         )
 
     @property
@@ -184,7 +186,8 @@ class PretrainTask(Task):
 
     def evaluate(self, ctx: EvalContext, name: str, folder: str, plots: bool) -> dict[str, Any]:
         cfg = ctx.cfg
-        collect = SplitEmbeddings() if cfg.train.retrieval or cfg.train.zero_shot else None
+        wanted = cfg.train.retrieval or cfg.train.zero_shot
+        collect = SplitEmbeddings(cfg.model.text_max_length) if wanted else None
         result: dict[str, Any] = eval_losses(ctx, ctx.loader(folder), collect)
         if collect is None:
             return result
