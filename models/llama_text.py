@@ -363,6 +363,33 @@ def build_llama_tower(cfg: LlamaTextConfig, device: str | torch.device | None = 
     return LlamaTower(model, tokenizer, cfg.mode, cfg.pooling)
 
 
+def load_quantization_state(model: nn.Module, state: dict[str, Tensor]) -> set[str]:
+    """Restores every 4-bit weight of `model` from a state dict its `state_dict()` wrote.
+
+    bitsandbytes writes a 4-bit weight as the packed weight plus its quantization constants
+    (`<weight>.absmax`, `.quant_map`, the nested statistics, `.quant_state.bitsandbytes__nf4`),
+    but `load_state_dict` accepts only the packed weight. Each such weight is rebuilt here from
+    both, exactly as saved. Returns the constants' keys, for the caller to leave out of
+    `load_state_dict` (the packed weights stay in: loading them again copies equal data).
+    """
+    used: set[str] = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "quant_state", None) is None:
+            continue
+        from bitsandbytes.nn import Params4bit  # only 4-bit models reach this
+
+        key = f"{name}.weight" if name else "weight"
+        stats = {k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(key + ".")}
+        if key not in state or not stats:
+            continue  # the caller's key check names what is missing
+        used |= {f"{key}.{k}" for k in stats}  # before from_prequantized consumes `stats`
+        module.weight = Params4bit.from_prequantized(
+            state[key], stats, requires_grad=False, device=weight.device, module=module
+        )
+    return used
+
+
 def lora_param_count(hidden: int, layers: int, r: int, modules: int) -> int:
     """Trainable LoRA parameters for `modules` square (hidden -> hidden) projections per layer.
 

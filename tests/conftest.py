@@ -4,10 +4,12 @@ those shards' texts."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,85 @@ def launch_cmd(*launch_args: str) -> list[str]:
         *launch_args,
         str(REPO / "train.py"),
     ]
+
+
+def shard_samples(split: Path) -> list[dict]:
+    """Every sample of a shard split as written, in shard order: key, meta (its json: label,
+    source_path, fields, ...) and text."""
+    samples: dict[str, dict] = {}
+    for tar_path in sorted(Path(split).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                if ext in ("json", "txt"):
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    sample = samples.setdefault(key, {"key": key})
+                    if ext == "json":
+                        sample["meta"] = json.loads(data)
+                    else:
+                        sample["text"] = data.decode("utf-8")
+    return list(samples.values())
+
+
+# A 2D ViT for 32^2 chest X-rays (patch 8), small enough for a few CPU steps.
+CXR_VISION = [
+    "model.vision.spatial_dims=2",
+    "model.vision.img_size=32",
+    "model.vision.patch_size=8",
+    "model.vision.embed_dim=32",
+    "model.vision.depth=2",
+    "model.vision.num_heads=2",
+    "model.vision.decoder_embed_dim=32",
+    "model.vision.decoder_depth=1",
+    "model.vision.decoder_num_heads=2",
+]
+
+
+@pytest.fixture(scope="session")
+def cxr_data(tmp_path_factory) -> dict[str, Path]:
+    """A synthetic MIMIC-CXR-JPG tree written to 32^2 shards, and a tiny BERT whose tokenizer
+    is trained on their reports."""
+    from models.text import make_tiny_bert_checkpoint
+    from shards.mimic_cxr import write_cxr_shards
+    from shards.reader import read_texts
+    from shards.synthetic_cxr import generate_mimic_cxr
+
+    root = tmp_path_factory.mktemp("cxr_data")
+    paths = generate_mimic_cxr(root / "raw", subjects=16, size=48, seed=1)
+    shards = root / "shards"
+    write_cxr_shards(paths["root"], paths["reports_root"], shards, size=32, samples_per_shard=8)
+    bert = root / "bert"
+    make_tiny_bert_checkpoint(
+        str(bert), read_texts(str(shards / "train")), hidden_size=32, num_layers=2, num_heads=2
+    )
+    return {"shards": shards, "bert": bert}
+
+
+def cxr_overrides(cxr: dict[str, Path], out: Path, task: str) -> list[str]:
+    """A tiny chest X-ray run of `task` for 3 steps, scored on the test split."""
+    return [
+        *(f"data.{s}={cxr['shards'] / s}" for s in ("train", "val", "test")),
+        "data.batch_size=4",
+        "data.eval_batch_size=8",
+        "data.shuffle_buffer=8",
+        *CXR_VISION,
+        f"model.task={task}",
+        f"model.text.checkpoint={cxr['bert']}",
+        "model.text.max_length=64",
+        "model.embed_dim=16",
+        "optim.lr=1e-3",
+        "train.max_steps=3",
+        "train.bootstrap=0",
+        "train.eval_splits=[test]",
+        "train.log_every=1",
+        "train.progress=false",
+        f"train.output_dir={out}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def cxr_multilabel_run(cxr_data, tmp_path_factory) -> Path:
+    """A finished 14-label chest X-ray run (its predictions_test.jsonl scored on the test split)."""
+    out = tmp_path_factory.mktemp("cxr_multilabel")
+    run_cmd(train_cmd(*cxr_overrides(cxr_data, out, "multilabel")))
+    return out

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 
 from models.alifuse import build_model
+from models.llama_text import load_quantization_state
 from shards.reader import ShardSet
 from trainer.config import Config, load_config
 from trainer.distributed import build_accelerator, describe, model_device
@@ -30,6 +31,8 @@ log = logging.getLogger("medalign")
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
+# The AD shard writer's summary word limit when a manifest does not record one (the paper's 40).
+DEFAULT_WORD_LIMIT = 40
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -60,7 +63,20 @@ def load_run_weights(model: torch.nn.Module, run_dir: str | Path) -> None:
             f"{path} does not fit the model its config.yaml builds: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}"
         )
-    model.load_state_dict(state, strict=True)
+    quantized = load_quantization_state(model, state)  # 4-bit weights and their constants
+    model.load_state_dict({k: v for k, v in state.items() if k not in quantized}, strict=True)
+
+
+def summary_word_limit(cfg: Config) -> int:
+    """Words of a narrative summary that the run's clinical texts keep: data.clinical.summary_words
+    when set, else the word_limit the AD writer recorded in the training split's manifest, else
+    the writer's default (scripts/make_ad_shards.py --word-limit)."""
+    if cfg.data.clinical.summary_words:
+        return cfg.data.clinical.summary_words
+    try:
+        return ShardSet.load(cfg.data.train).word_limit
+    except (FileNotFoundError, ValueError, KeyError):
+        return DEFAULT_WORD_LIMIT
 
 
 def split_name(folder: str) -> str:
