@@ -19,27 +19,32 @@ stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 run_ad() {
   local t0; t0=$(date +%s)
-  stamp "AD 1/5 synthetic cohort (ADNI, OASIS-2, NACC, AIBL, MIRIAD layouts) -> $ROOT/raw_ad"
-  rm -rf "$ROOT/raw_ad" "$ROOT/ad_shards" "$ROOT/tiny_bert" "$ROOT/ad_pretrain" "$ROOT/ad_classify"
+  stamp "AD 1/6 synthetic cohort (ADNI, OASIS-2, NACC, AIBL, MIRIAD layouts) -> $ROOT/raw_ad"
+  rm -rf "$ROOT/raw_ad" "$ROOT/ad_shards" "$ROOT/tiny_bert" "$ROOT/ad_pretrain" "$ROOT/ad_classify" \
+    "$ROOT/ad_predict" "$ROOT/ad_export"
   python scripts/make_synthetic_ad.py --root "$ROOT/raw_ad" --subjects-per-cohort "${DEMO_SUBJECTS:-60}" --corrupt 5
 
-  stamp "AD 2/5 shards (32^3 volumes for the CPU demo) -> $ROOT/ad_shards"
+  stamp "AD 2/6 shards (32^3 volumes for the CPU demo) -> $ROOT/ad_shards"
   python scripts/make_ad_shards.py --synthetic-root "$ROOT/raw_ad" --out "$ROOT/ad_shards" \
     --size 32 --samples-per-shard 24 --workers 2
 
-  stamp "AD 3/5 tiny BERT text tower from the training texts -> $ROOT/tiny_bert"
+  stamp "AD 3/6 tiny BERT text tower from the training texts -> $ROOT/tiny_bert"
   python scripts/make_tiny_bert.py --shards "$ROOT/ad_shards/train" --out "$ROOT/tiny_bert"
 
   local paths=(data.train="$ROOT/ad_shards/train" data.val="$ROOT/ad_shards/val"
                data.test="$ROOT/ad_shards/test" model.text.checkpoint="$ROOT/tiny_bert")
-  stamp "AD 4/5 pretraining: 2 processes, DeepSpeed ZeRO-2 -> $ROOT/ad_pretrain"
+  stamp "AD 4/6 pretraining: 2 processes, DeepSpeed ZeRO-2 -> $ROOT/ad_pretrain"
   "${LAUNCH[@]}" train.py --config configs/ad_demo_pretrain.yaml "${paths[@]}" \
     train.output_dir="$ROOT/ad_pretrain"
 
-  stamp "AD 5/5 fusion classifier fine-tuning and test evaluation -> $ROOT/ad_classify"
+  stamp "AD 5/6 fusion classifier fine-tuning and test evaluation -> $ROOT/ad_classify"
   "${LAUNCH[@]}" train.py --config configs/ad_demo_classify.yaml "${paths[@]}" \
     train.output_dir="$ROOT/ad_classify" train.init_from="$ROOT/ad_pretrain" \
     | tee "$ROOT/ad_summary.txt"
+  stamp "AD 6/6 the trained classifier used and exported -> $ROOT/ad_predict, $ROOT/ad_export"
+  python scripts/predict.py "$ROOT/ad_classify" --shards "$ROOT/ad_shards/test" \
+    --out "$ROOT/ad_predict" --no-progress
+  python scripts/export.py "$ROOT/ad_classify" --out "$ROOT/ad_export"
   stamp "AD done in $(( $(date +%s) - t0 ))s: $ROOT/ad_pretrain, $ROOT/ad_classify"
 }
 

@@ -8,7 +8,8 @@
 # Parts: tests (pytest -m gpu: fused SDPA backends with math disabled, QLoRA tower training),
 # attention (TFLOP/s per SDPA backend, bf16, seq 197 / 512 / 4096), mae (ViT-B 2D and 3D
 # pretraining step: samples/s and MFU), checkpointing (activation checkpointing and
-# torch.compile), llama (4-bit tower tokens/s, NF4 vs bf16-LoRA step ratio).
+# torch.compile), llama (4-bit tower tokens/s, NF4 vs bf16-LoRA step ratio), text (text
+# cache: uncached / cached step time with a frozen_4bit tower; padding and bucketing gains).
 # PYTHON picks the interpreter (default: the checkout's .venv if there is one, else python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ fi
 out=${1:-gpu_results}
 shift || true
 parts=("$@")
-all=(tests attention mae checkpointing llama)
+all=(tests attention mae checkpointing llama text)
 [ ${#parts[@]} -gt 0 ] || parts=("${all[@]}")
 for part in "${parts[@]}"; do
     [[ " ${all[*]} " == *" $part "* ]] || { echo "unknown part '$part': expected one of ${all[*]}" >&2; exit 2; }
@@ -33,6 +34,7 @@ for part in "${parts[@]}"; do
         mae) cmd=("$PYTHON" scripts/bench_mae.py --device cuda) ;;
         checkpointing) cmd=("$PYTHON" scripts/bench_checkpointing.py --device cuda --compile) ;;
         llama) cmd=("$PYTHON" scripts/bench_llama.py --device cuda) ;;
+        text) cmd=("$PYTHON" scripts/bench_text_cache.py --device cuda) ;;
     esac
     echo "== $part: ${cmd[*]}"
     start=$(date +%s)

@@ -538,6 +538,21 @@ def padded_width(longest: int, max_length: int) -> int:
     return max(1, min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
 
 
+def tokenize_texts(
+    tokenizer: Any, texts: list[str], max_length: int, pad_to: str = "longest"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> input_ids and attention_mask (B, L), truncated to max_length and right-padded
+    to the longest text rounded up to a multiple of 8 (`pad_to="longest"`) or to max_length."""
+    tokens = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    if pad_to == "longest":  # right padding: the columns past the longest are padding
+        width = padded_width(int(mask.sum(1).max()), max_length)
+        ids, mask = ids[:, :width].contiguous(), mask[:, :width].contiguous()
+    return ids, mask
+
+
 class _Batcher:
     """Collates decoded samples and tokenizes their texts, right-padded to the batch's longest
     text (`pad_to="longest"`: a multiple of 8, at most max_length) or to max_length.
@@ -571,18 +586,7 @@ class _Batcher:
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> input_ids and attention_mask (B, L), truncated to max_length; L per pad_to."""
-        tokens = self.tokenizer(
-            texts,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        ids, mask = tokens["input_ids"], tokens["attention_mask"]
-        if self.pad_to == "longest":  # right padding: the columns past the longest are padding
-            width = padded_width(int(mask.sum(1).max()), self.max_length)
-            ids, mask = ids[:, :width].contiguous(), mask[:, :width].contiguous()
-        return ids, mask
+        return tokenize_texts(self.tokenizer, texts, self.max_length, self.pad_to)
 
     def lengths(self, samples: list[dict[str, Any]]) -> list[int]:
         """Each sample's text length in tokens, as it will be batched (length bucketing)."""

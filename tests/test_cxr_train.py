@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cmd, train_cmd
+from conftest import CXR_VISION, run_cmd, train_cmd
 from safetensors.torch import load_file
 
 from models.alifuse import build_model
@@ -18,17 +18,7 @@ from trainer.config import load_config
 from trainer.cxr_metrics import multilabel_auroc
 from trainer.retrieval import default_prompts, retrieval_recall, zero_shot_scores
 
-VISION = [
-    "model.vision.spatial_dims=2",
-    "model.vision.img_size=32",
-    "model.vision.patch_size=8",
-    "model.vision.embed_dim=32",
-    "model.vision.depth=2",
-    "model.vision.num_heads=2",
-    "model.vision.decoder_embed_dim=32",
-    "model.vision.decoder_depth=1",
-    "model.vision.decoder_num_heads=2",
-]
+VISION = CXR_VISION
 
 
 @pytest.fixture(scope="module")

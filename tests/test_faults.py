@@ -485,9 +485,9 @@ def test_a_shard_run_that_writes_nothing_exits_non_zero(tmp_path, capsys):
 def test_every_rank_resumes_its_own_loader_streams():
     from trainer.run_state import RunState
 
-    rank0 = RunState(step=5, batches_consumed=5, streams={0: (12, 2)})
-    rank1 = RunState(step=5, batches_consumed=5, streams={0: (10, 0)})
+    rank0 = RunState(step=5, batches_consumed=5, streams={0: (12, 2, 0)})
+    rank1 = RunState(step=5, batches_consumed=5, streams={0: (10, 0, 3)})
     saved = json.loads(json.dumps(rank0.to_json({}, None, [rank0.streams, rank1.streams])))
-    assert RunState.from_json(saved, 0).streams == {0: (12, 2)}
-    assert RunState.from_json(saved, 1).streams == {0: (10, 0)}
+    assert RunState.from_json(saved, 0).streams == {0: (12, 2, 0)}
+    assert RunState.from_json(saved, 1).streams == {0: (10, 0, 3)}
     assert RunState.from_json(saved, 1).skipped == 0  # not rank 0's count

@@ -115,10 +115,10 @@ def test_old_checkpoint_stream_counts_still_load():
 # ---- the text cache --------------------------------------------------------------------------
 
 
-def _cached_model(bert, **overrides) -> torch.nn.Module:
+def _cached_model(bert, mode: str = "frozen", **overrides) -> torch.nn.Module:
     cfg = AlifuseConfig(
         vision=tiny_vision(),
-        text=TextConfig(checkpoint=str(bert), mode="frozen", max_length=48),
+        text=TextConfig(checkpoint=str(bert), mode=mode, max_length=48),
         embed_dim=16,
         cross_layers_image=0,
         cross_layers_text=0,
@@ -188,17 +188,10 @@ def test_cache_is_reused_and_rebuilt_when_its_inputs_change(ad_shards, tiny_bert
 
 
 def test_cache_refuses_a_tower_that_trains(ad_shards, tiny_bert, tmp_path):
-    cfg = AlifuseConfig(
-        vision=tiny_vision(),
-        text=TextConfig(checkpoint=str(tiny_bert), mode="lora", max_length=48),
-        embed_dim=16,
-        cross_layers_image=0,
-        cross_layers_text=0,
-        mlm_weight=0.0,
-    )
+    model = _cached_model(tiny_bert, mode="lora")
     data = _data(ad_shards, text_cache=True, text_cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="data.text_cache=true: the text tower trains"):
-        text_cache.prepare_text_cache(build_model(cfg), data, data.train, 48, Accelerator(cpu=True))
+        text_cache.prepare_text_cache(model, data, data.train, 48, Accelerator(cpu=True))
 
 
 def test_a_cached_run_trains_and_logs_the_step_metrics(ad_shards, tiny_bert, tmp_path):

@@ -49,7 +49,7 @@ from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.clinical import parse_cell, render_text
 from shards.dicom import load_square
 from shards.reader import LABEL_NAMES as AD_LABEL_NAMES
-from shards.reader import ShardSet, build_eval_loader, padded_width
+from shards.reader import ShardSet, build_eval_loader, tokenize_texts
 from shards.volume import NIFTI_SUFFIXES, RecordError, is_volume_file, load_volume
 from trainer.config import Config
 from trainer.distributed import resolve_mixed_precision
@@ -239,18 +239,12 @@ class Predictor:
             empty = [i for i, text in enumerate(stripped) if not text]
             if empty:
                 raise ValueError(f"texts {empty[:5]} are empty; expected a report or record")
-        max_length = self.cfg.model.text_max_length
-        tokens = self.tokenizer(
+        ids, mask = tokenize_texts(
+            self.tokenizer,
             [self.cfg.data.prompted(text) for text in stripped],
-            padding="max_length",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
+            self.cfg.model.text_max_length,
+            pad_to or self.cfg.data.pad_to,
         )
-        ids, mask = tokens["input_ids"], tokens["attention_mask"]
-        if (pad_to or self.cfg.data.pad_to) == "longest":  # right padding: cut padding columns
-            width = padded_width(int(mask.sum(1).max()), max_length)
-            ids, mask = ids[:, :width].contiguous(), mask[:, :width].contiguous()
         return {"input_ids": ids, "attention_mask": mask}
 
     def batch(

@@ -48,10 +48,10 @@ from shards.reader import (
     DataConfig,
     ShardSet,
     SkipCounter,
-    _Batcher,
     _read_tars,
     padded_width,
     sample_decoder,
+    tokenize_texts,
 )
 from trainer.run_state import manifest_sha256
 from trainer.schema import to_dict
@@ -233,11 +233,11 @@ def _build_part(
             continue
         keys.append(sample["key"])
         texts.append(sample["text"])
-    batcher = _Batcher(model.text.tokenizer, max_length, shards.format, "longest")
+    tokenizer = model.text.tokenizer
     kind = cache_kind(model)
     lengths = np.zeros(len(texts), dtype=np.int64)
     for start in range(0, len(texts), batch_size):
-        _, mask = batcher.tokenize(texts[start : start + batch_size])
+        _, mask = tokenize_texts(tokenizer, texts[start : start + batch_size], max_length)
         lengths[start : start + len(mask)] = mask.sum(1).numpy()
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     hidden = model.text.hidden_size
@@ -249,7 +249,7 @@ def _build_part(
     was_training = model.training
     model.eval()
     for start in range(0, len(texts), batch_size):
-        ids, mask = batcher.tokenize(texts[start : start + batch_size])
+        ids, mask = tokenize_texts(tokenizer, texts[start : start + batch_size], max_length)
         ids, mask = ids.to(device), mask.to(device)
         h = model.text.forward_features(ids, mask)
         if kind == "pooled":
