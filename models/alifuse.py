@@ -503,13 +503,7 @@ class AlifuseModel(nn.Module):
         rows = []
         for start in range(0, image.shape[0], max(1, max_pairs // bt)):
             part = image[start : start + max(1, max_pairs // bt)]  # (n, T, Di)
-            n = part.shape[0]
-            pooled = self.attention_pool(
-                tokens.unsqueeze(0).expand(n, -1, -1, -1).flatten(0, 1),  # (n * bt, L, Dt)
-                mask.unsqueeze(0).expand(n, -1, -1).flatten(0, 1),
-                part.unsqueeze(1).expand(-1, bt, -1, -1).flatten(0, 1),  # (n * bt, T, Di)
-            )
-            pooled = F.normalize(pooled, dim=-1).view(n, bt, -1)
+            pooled = F.normalize(self.attention_pool.pairs(tokens, mask, part), dim=-1)
             rows.append((pooled * text_emb.unsqueeze(0)).sum(-1))  # (n, bt)
         return torch.cat(rows)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import Attention
@@ -86,6 +87,36 @@ class AttentionPool(nn.Module):
         count = real.sum(1).clamp(min=1).to(answers.dtype)  # (B,)
         mean = summed / count[:, None, None]
         return self.proj(mean.flatten(1))  # (B, out_dim)
+
+    def pairs(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        """Every text pooled over every image: text_tokens (T, L, Dt), text_mask (T, L),
+        image_tokens (I, N, Di) -> (I, T, out_dim), row i column j = forward(text j, image i).
+
+        The same numbers as `forward` on each of the I x T pairs, computed with the text side's
+        projections once per text and the image side's once per image; only the attention
+        itself runs per pair. The output projection of the attention is linear, so it is
+        applied after the mean over tokens (once per pair, not per token).
+        """
+        t, length, _ = text_tokens.shape
+        images = image_tokens.shape[0]
+        attn, q_views, dim = self.attn, self.num_queries, self.out_dim
+        real = text_mask.to(device=text_tokens.device, dtype=bool)  # (T, L)
+        text_tokens = text_tokens.masked_fill(~real[:, :, None], 0.0)
+        q = self.query(self.norm_text(text_tokens)).reshape(t, length * q_views, dim)
+        q = attn._heads(attn.q(q))  # (T, H, L * Q, d)
+        k, v = (attn._heads(x) for x in attn.kv(self.norm_image(image_tokens)).chunk(2, dim=-1))
+        heads, queries, head_dim = q.shape[1:]
+        q = q.unsqueeze(0).expand(images, -1, -1, -1, -1).flatten(0, 1)  # (I * T, H, LQ, d)
+        k = k.unsqueeze(1).expand(-1, t, -1, -1, -1).flatten(0, 1)  # (I * T, H, N, d)
+        v = v.unsqueeze(1).expand(-1, t, -1, -1, -1).flatten(0, 1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (I * T, H, LQ, d)
+        out = out.transpose(1, 2).reshape(images, t, length, q_views, dim)
+        summed = out.masked_fill(~real[None, :, :, None, None], 0.0).sum(2)  # (I, T, Q, D)
+        count = real.sum(1).clamp(min=1).to(out.dtype)  # (T,)
+        answered = attn.proj(summed / count[None, :, None, None])
+        # A text without any real token pools to proj(0), as in `forward`.
+        answered = answered * real.any(1)[None, :, None, None].to(answered.dtype)
+        return self.proj(answered.flatten(2))  # (I, T, out_dim)
 
 
 def build_attention_pool(

@@ -110,3 +110,22 @@ def test_config_and_builder() -> None:
         AttentionPoolConfig(num_queries=0)
     with pytest.raises(ValueError, match="num_heads=3"):
         AttentionPool(40, 24, out_dim=16, num_heads=3)
+
+
+@pytest.mark.parametrize("num_queries", [1, 3])
+def test_pairs_equal_forward_on_every_pair(num_queries: int) -> None:
+    pool = _pool(num_queries)
+    text, mask, _ = _inputs()
+    mask = torch.cat([mask, torch.zeros(1, L, dtype=mask.dtype)])  # a text with no real token
+    text = torch.cat([text, torch.randn(1, L, DT)])
+    images = torch.randn(4, N, DI, generator=torch.Generator().manual_seed(1))
+    got = pool.pairs(text, mask, images)  # (4 images, 4 texts, 16)
+    want = pool(
+        text.unsqueeze(0).expand(4, -1, -1, -1).flatten(0, 1),
+        mask.unsqueeze(0).expand(4, -1, -1).flatten(0, 1),
+        images.unsqueeze(1).expand(-1, 4, -1, -1).flatten(0, 1),
+    ).view(4, 4, -1)
+    assert got.shape == (4, 4, 16)
+    assert torch.allclose(got, want, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), list(pool.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
