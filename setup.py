@@ -24,6 +24,8 @@ setup(
         "nibabel>=5.0",
         "monai>=1.3.1",  # get_medicalnet_pretrained_resnet_args
         "datasets>=3.0",
+        "fsspec",  # remote shard splits (shards/remote.py)
+        "aiohttp",  # http(s):// through fsspec
         "numpy",
         "torchmetrics>=1.4",
         "tensorboard",
@@ -52,5 +54,7 @@ setup(
         ],
         # scripts/visualize.py: the UMAP of image and text embeddings (numba, pynndescent).
         "figures": ["umap-learn>=0.5"],
+        # shard splits on object stores: s3:// and gs:// through fsspec
+        "remote": ["s3fs", "gcsfs"],
     },
 )

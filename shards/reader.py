@@ -64,6 +64,7 @@ import mmap
 import os
 import random
 import tarfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -82,6 +83,10 @@ from shards.chexpert import NUM_LABELS as CXR_NUM_LABELS
 from shards.chexpert import LabelPolicyConfig, labels_to_array
 from shards.clinical import check_groups, render_text
 from shards.dicom import decode_png
+from shards.remote import CountingReader, is_remote, open_stream
+from shards.remote import basename as remote_basename
+from shards.remote import join as remote_join
+from shards.remote import read_bytes as remote_read_bytes
 from shards.splits import label_fraction_indices
 
 log = logging.getLogger(__name__)
@@ -170,6 +175,10 @@ class DataConfig:
     # (<split>/text_cache); a folder = there (for read-only dataset folders).
     text_cache: bool = False
     text_cache_dir: str = ""
+    # Remote splits (URLs, pipe: commands; shards/remote.py): a stream that breaks before the
+    # shard's recorded size is opened again this many times, after 1x, 2x, 4x, ... this backoff.
+    remote_retries: int = 3
+    remote_backoff_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -179,6 +188,11 @@ class DataConfig:
             raise ValueError(
                 f"prompt_template={self.prompt_template!r}: expected {{text}} exactly once "
                 "(where the report goes), or an empty string"
+            )
+        if self.remote_retries < 0 or self.remote_backoff_s < 0:
+            raise ValueError(
+                f"remote_retries={self.remote_retries}, remote_backoff_s={self.remote_backoff_s}: "
+                "expected >= 0"
             )
         if self.bucket_batches < 0:
             raise ValueError(f"bucket_batches={self.bucket_batches}: expected >= 0 (0: off)")
@@ -216,7 +230,7 @@ class ShardSet:
     """A split as its manifest describes it (``digests``: shard path -> (bytes, sha256) where
     the manifest records them)."""
 
-    folder: Path
+    folder: Path | str  # a local folder, or a URL / pipe: command (shards/remote.py)
     shards: list[tuple[str, int]]  # (tar path, samples)
     num_samples: int
     size: int | None  # side length S of every image (volume_size / image_size), if recorded
@@ -232,13 +246,15 @@ class ShardSet:
 
     @classmethod
     def load(cls, folder: str) -> ShardSet:
-        path = Path(folder) / "manifest.json"
-        if not path.is_file():
+        """The split at `folder`: a local folder, a URL or a pipe: command (shards/remote.py)."""
+        remote = is_remote(folder)
+        path = remote_join(folder, "manifest.json") if remote else Path(folder) / "manifest.json"
+        if not remote and not path.is_file():
             raise FileNotFoundError(
                 f"{path}: no shard manifest; write shards first (scripts/make_ad_shards.py or "
                 "scripts/make_cxr_shards.py)"
             )
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(manifest_bytes(folder))
         fmt = manifest.get("format", AD_FORMAT)  # manifests before "format" are all AD
         if fmt not in SIZE_KEYS:
             raise ValueError(
@@ -251,29 +267,48 @@ class ShardSet:
                     f"{path}: label_names {names} differ from the {CXR_NUM_LABELS} CheXpert "
                     f"labels this reader expects ({list(CXR_LABEL_NAMES)})"
                 )
-        shards = [
-            (str(Path(folder) / s["name"]), int(s["num_samples"])) for s in manifest["shards"]
-        ]
-        missing = [p for p, _ in shards if not os.path.isfile(p)]
+        where = (
+            (lambda name: remote_join(folder, name))
+            if remote
+            else (lambda name: str(Path(folder) / name))
+        )
+        shards = [(where(s["name"]), int(s["num_samples"])) for s in manifest["shards"]]
+        missing = [] if remote else [p for p, _ in shards if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{path} lists shards that do not exist: {missing[:3]}")
         if not shards:
             raise ValueError(f"{path}: the split has no shards")
         size = manifest.get(SIZE_KEYS[fmt])
         return cls(
-            Path(folder),
+            folder if remote else Path(folder),
             shards,
             int(manifest["num_samples"]),
             None if size is None else int(size),
             fmt,
-            str(manifest.get("split") or Path(folder).name),
+            str(manifest.get("split") or remote_basename(str(folder))),
             int(manifest.get("word_limit", 64)),
             {
-                str(Path(folder) / s["name"]): (int(s["bytes"]), str(s["sha256"]))
+                where(s["name"]): (int(s["bytes"]), str(s["sha256"]))
                 for s in manifest["shards"]
                 if "sha256" in s and "bytes" in s
             },
         )
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(str(self.folder))
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Shard path -> its size in bytes, where the manifest records it."""
+        return {path: size for path, (size, _) in self.digests.items()}
+
+
+def manifest_bytes(folder: str) -> bytes:
+    """The split's manifest.json as stored (local or remote)."""
+    if is_remote(folder):
+        return remote_read_bytes(remote_join(folder, "manifest.json"))
+    return (Path(folder) / "manifest.json").read_bytes()
 
 
 class DataError(RuntimeError):
@@ -295,6 +330,7 @@ class SkipCounter:
         self.first: list[str] = []
         self.in_row = 0
         self.muted = False
+        self.retries = 0  # remote shards opened again after a broken stream
 
     def __call__(self, exn: BaseException) -> bool:  # webdataset handler protocol
         log.warning("shard read error: %r", exn)  # the samples it loses are counted per shard
@@ -314,6 +350,11 @@ class SkipCounter:
                 f"sample decoded; data.max_failures_in_row={self.max_in_row}); nothing trains on this "
                 f"split. First reasons: " + " | ".join(self.first)
             )
+
+    def retry(self, url: str, exn: BaseException, attempt: int, wait: float) -> None:
+        """A remote shard's stream broke (transient): it is opened again after `wait` s."""
+        self.retries += 1
+        log.warning("%s: stream broke (%s); retry %d in %.1f s", url, exn, attempt, wait)
 
     def ok(self) -> None:
         """A sample decoded: the run of failures is over."""
@@ -641,7 +682,61 @@ def _warn_unmapped(reason: str) -> None:
     log.warning("shards cannot be memory-mapped here (%s); reading them with plain reads", reason)
 
 
-def _tar_members(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class RemoteRead:
+    """How remote shards are read: their recorded sizes (a stream that ends short of one broke)
+    and the retries of a broken stream."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
+    retries: int = 3
+    backoff_s: float = 1.0
+
+
+def _remote_members(url: str, counter: SkipCounter, how: RemoteRead) -> Iterator[dict[str, Any]]:
+    """The regular members of a remote tar, read as a stream (shards/remote.py). A stream that
+    breaks before the shard's recorded size is opened again (`how.retries` times, backoff
+    doubling each time) and the members already given are passed over; a shard that is damaged
+    where it is stored (or breaks once the retries are spent) is counted and left."""
+    size = how.sizes.get(url)
+    given, attempt = 0, 0
+    while True:
+        seen, reader = 0, None
+        try:
+            with open_stream(url) as stream:
+                reader = CountingReader(stream, size)
+                with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as tar:
+                    for member in tar:
+                        if not member.isreg() or member.name.startswith("__"):
+                            continue
+                        data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                        if len(data) != member.size:
+                            raise tarfile.ReadError(
+                                f"member {member.name} has {len(data)} of its {member.size} "
+                                "bytes: the stream ends early"
+                            )
+                        seen += 1
+                        if seen > given:  # not given before a retry
+                            given += 1
+                            yield {"fname": member.name, "data": data, "__url__": url}
+            if size is not None and reader.count < size:
+                raise EOFError(f"the stream ended after {reader.count} of {size} bytes")
+            return
+        except Exception as exn:  # noqa: BLE001 - transports raise their own types
+            # the stream broke, not the stored file (a missing file will not come back)
+            broke = not isinstance(exn, FileNotFoundError) and (reader is None or reader.broke)
+            if broke and attempt < how.retries:
+                attempt += 1
+                wait = how.backoff_s * 2 ** (attempt - 1)
+                counter.retry(url, exn, attempt, wait)
+                time.sleep(wait)
+                continue
+            counter(ValueError(f"{url}: {exn}"))
+            return
+
+
+def _tar_members(
+    urls: list[str], counter: SkipCounter, remote: RemoteRead | None = None
+) -> Iterator[dict[str, Any]]:
     """(name, data) of every regular member of local tar shards, in order, then {} per shard.
 
     The shards are local files: tarfile reads each header, and the data of image members is a
@@ -654,6 +749,10 @@ def _tar_members(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, An
     intact members before that point are kept.
     """
     for url in urls:
+        if is_remote(url):
+            yield from _remote_members(url, counter, remote or RemoteRead())
+            yield {"__end__": url}
+            continue
         try:
             with open(url, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
                 mapped = _map(file)
@@ -683,7 +782,10 @@ def _tar_members(urls: list[str], counter: SkipCounter) -> Iterator[dict[str, An
 
 
 def _read_tars(
-    urls: list[str], counter: SkipCounter, expected: dict[str, int] | None = None
+    urls: list[str],
+    counter: SkipCounter,
+    expected: dict[str, int] | None = None,
+    remote: RemoteRead | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples (members grouped by key, as webdataset groups them) of the shards in order.
 
@@ -693,7 +795,7 @@ def _read_tars(
     """
     current: dict[str, Any] | None = None
     produced = 0
-    for member in _tar_members(urls, counter):
+    for member in _tar_members(urls, counter, remote):
         if "__end__" in member:
             if current is not None:
                 produced += 1
@@ -725,6 +827,14 @@ def _read_tars(
 def sample_keys(shards: ShardSet) -> list[str]:
     """Every sample key of a split, from the tar headers only (nothing is decoded)."""
     keys: set[str] = set()
+    if shards.remote:  # one streamed pass over the split
+        urls = [path for path, _ in shards.shards]
+        return sorted(
+            {
+                raw["__key__"]
+                for raw in _read_tars(urls, SkipCounter(), None, RemoteRead(shards.sizes))
+            }
+        )
     for path, _ in shards.shards:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
@@ -796,6 +906,7 @@ class TrainStream(IterableDataset):
         self.resume_counts: dict[int, tuple[int, ...]] = {}
         self.counter = SkipCounter()
         self.expected = dict(shards.shards)
+        self.remote = RemoteRead(shards.sizes, cfg.remote_retries, cfg.remote_backoff_s)
         self.keep = fraction_keys(shards, cfg.label_fraction, cfg.label_fraction_seed)
         workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(shards.shards) < world_size * workers:
@@ -846,7 +957,7 @@ class TrainStream(IterableDataset):
         empty_epochs = 0
         for epoch, urls in enumerate(self._urls(worker, num_workers)):
             rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{worker}")
-            raw = _read_tars(urls, self.counter, self.expected)
+            raw = _read_tars(urls, self.counter, self.expected, self.remote)
             if self.keep is not None:  # label-fraction run: the other samples are not read on
                 raw = (sample for sample in raw if sample.get("__key__") in self.keep)
             count = 0
@@ -899,6 +1010,7 @@ class TrainStream(IterableDataset):
             if not self.cfg.bucket_batches:
                 out = self.batcher(pool, [True] * bs)
                 out.update(worker=worker, skipped=self.counter.total, read=read, pool_pos=0)
+                out["retries"] = self.counter.retries
                 yield out
             else:
                 for out in self._buckets(pool, worker, pool_read, pool_skipped):
@@ -920,6 +1032,7 @@ class TrainStream(IterableDataset):
         for pos, index in enumerate(batches, 1):
             out = self.batcher([pool[i] for i in index], [True] * bs)
             out.update(worker=worker, skipped=pool_skipped, read=pool_read, pool_pos=pos)
+            out["retries"] = self.counter.retries
             yield out
 
 
@@ -949,7 +1062,9 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         urls = [path for path, _ in self.shards.shards]
         mine: list[dict[str, Any]] = []
-        for index, raw in enumerate(_read_tars(urls, self.counter, dict(self.shards.shards))):
+        remote = RemoteRead(self.shards.sizes, self.cfg.remote_retries, self.cfg.remote_backoff_s)
+        expected = dict(self.shards.shards)
+        for index, raw in enumerate(_read_tars(urls, self.counter, expected, remote)):
             if index % self.world_size != self.rank:
                 continue
             try:
@@ -971,6 +1086,7 @@ class EvalStream(IterableDataset):
         for i in range(0, self.per_rank, bs):
             out = self.batcher(mine[i : i + bs], valid[i : i + bs])
             out.update(worker=0, skipped=self.counter.total, read=0, pool_pos=0)
+            out["retries"] = self.counter.retries
             yield out
 
 

@@ -45,6 +45,7 @@ CXR_KEYS = {
     "skipped",
     "read",
     "pool_pos",
+    "retries",
     "text_tokens",
 }
 

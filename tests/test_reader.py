@@ -233,6 +233,7 @@ def test_manifest_format_and_ad_batch_keys(tmp_path, ad_shards):
         "skipped",
         "read",
         "pool_pos",
+        "retries",
         "text_tokens",
     }
     assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["label"].dtype == torch.long

@@ -238,6 +238,13 @@ def verify_data(cfg: Config, accelerator: Accelerator) -> None:
     unchecked = []
     for split in splits:
         shards = ShardSet.load(cfg.data.split_dir(split))
+        if shards.remote:  # hashing would download every shard before the first step
+            log.warning(
+                "%s is remote: its shards are not hashed at start (a cut or damaged stream is "
+                "retried, then counted against the manifest)",
+                shards.folder,
+            )
+            continue
         digests.update(shards.digests)
         if len(shards.digests) < len(shards.shards):
             unchecked.append(str(shards.folder))
@@ -383,6 +390,7 @@ def run(
     window: dict[str, float] = defaultdict(float)
     window_steps, window_start = 0, time.perf_counter()
     speed = StepSpeed()
+    retries: dict[int, int] = {}  # per loader stream: remote shards opened again (this run)
     pbar = tqdm(
         total=tc.max_steps, initial=state.step, disable=not (main and tc.progress), desc="train"
     )
@@ -403,6 +411,7 @@ def run(
                     batch["skipped"],
                     batch["pool_pos"],
                 )
+                retries[batch["worker"]] = batch["retries"]
             result = train_step(task, model, micro, optimizer, accelerator, tc.grad_clip)
             state.step += 1
             pbar.update(1)
@@ -442,6 +451,7 @@ def run(
                 speed = StepSpeed()
                 metrics["train/nonfinite_skipped"] = state.nonfinite_skipped
                 metrics["data/skipped"] = sum_over_ranks(accelerator, state.skipped)
+                metrics["data/retries"] = sum_over_ranks(accelerator, sum(retries.values()))
                 logger.log(state.step, metrics)
                 window, window_steps = defaultdict(float), 0
                 window_start = time.perf_counter()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from trainer.schema import to_dict
@@ -27,7 +26,9 @@ class ResumeMismatch(ValueError):
 
 
 def manifest_sha256(split_dir: str) -> str:
-    return hashlib.sha256((Path(split_dir) / "manifest.json").read_bytes()).hexdigest()
+    from shards.reader import manifest_bytes  # local or remote
+
+    return hashlib.sha256(manifest_bytes(split_dir)).hexdigest()
 
 
 def data_fingerprint(cfg: Any, world_size: int) -> dict[str, Any]:

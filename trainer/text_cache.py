@@ -53,6 +53,7 @@ from shards.reader import (
     sample_decoder,
     tokenize_texts,
 )
+from shards.remote import is_remote
 from trainer.run_state import manifest_sha256
 from trainer.schema import to_dict
 
@@ -128,6 +129,11 @@ def fingerprint(model: nn.Module, data: DataConfig, split_dir: str, max_length: 
 def cache_folder(data: DataConfig, split_dir: str, split_name: str, digest: str) -> Path:
     if data.text_cache_dir:
         return Path(data.text_cache_dir) / split_name / digest[:20]
+    if is_remote(split_dir):
+        raise ValueError(
+            f"data.text_cache=true with the remote split {split_dir}: set data.text_cache_dir "
+            "to a local folder for the cache"
+        )
     return Path(split_dir) / "text_cache" / digest[:20]
 
 
