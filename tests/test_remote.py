@@ -11,6 +11,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cmd, tiny_overrides, train_cmd
@@ -163,3 +164,17 @@ def test_a_run_trains_on_shards_over_http(ad_shards, tiny_bert, server, tmp_path
     steps = [r for r in rows if "train/loss" in r]
     assert len(steps) == 3 and all(r["data/retries"] == 0 and r["data/skipped"] == 0 for r in steps)
     assert json.loads((out / "results.json").read_text())["test"]["itc_loss"] > 0
+
+
+def test_a_split_opens_as_a_datasets_iterable_dataset(ad_shards, server):
+    from shards.hf import iterable_dataset
+
+    local = _eval(str(ad_shards / "test"))
+    for location in (str(ad_shards / "test"), f"{server}/test"):
+        ds = iterable_dataset(location)
+        assert ds.n_shards == len(ShardSet.load(location).shards)
+        examples = list(ds)
+        assert [e["key"] for e in examples] == [k for b in local for k in b["key"]]
+        first = local[0]
+        assert np.array_equal(examples[0]["image"], first["image"][0].float().numpy())
+        assert examples[0]["text"] == first["text"][0] and examples[0]["label"] == first["label"][0]
