@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--rerun", action="store_true", help="train rows already run again")
     parser.add_argument(
+        "--jobs", type=int, default=1, help="rows trained at once (each run is seeded on its own)"
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -83,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--size paper needs {suite.needs_for_paper}")
     if args.bootstrap < 1:
         parser.error("--bootstrap: expected >= 1")
+    if args.jobs < 1:
+        parser.error("--jobs: expected >= 1")
     for name in ("shards", "text_checkpoint"):  # the runs start in the repository
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).resolve())
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds=args.seeds or list(size.seeds),
             rerun=args.rerun,
             size=args.size,
+            jobs=args.jobs,
         )
     except RuntimeError as err:
         print(f"experiment: error: {err}", file=sys.stderr)

@@ -35,9 +35,12 @@ TINY_WIDTHS = [
 
 
 def experiment_cmd(name: str, out: Path) -> list[str]:
-    """scripts/experiment.py at the quick size, 100 bootstrap resamples."""
+    """scripts/experiment.py at the quick size, 100 bootstrap resamples, 2 rows at a time."""
     script = str(REPO / "scripts" / "experiment.py")
-    return [sys.executable, script, name, "--quick", "--bootstrap", "100", "--out", str(out)]
+    return [
+        sys.executable, script, name, "--quick", "--bootstrap", "100", "--jobs", "2",
+        "--out", str(out),
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,10 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +202,19 @@ def _recorded(cmd: list[str], folder: Path, fresh: bool, init: Path | None) -> d
     return {"seconds": round(seconds, 1), "reused": False}
 
 
+class _FolderLocks:
+    """One lock per run folder: rows run in parallel train a shared stage once (the first
+    to take its lock trains it, the others then find it finished and reuse it)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[Path, threading.Lock] = {}
+
+    def __call__(self, folder: Path) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(folder, threading.Lock())
+
+
 def run_row(
     row: Row,
     exp: Experiment,
@@ -210,12 +225,15 @@ def run_row(
     seed: int = 0,
     python: str = sys.executable,
     trained: set[Path] | None = None,
+    locks: _FolderLocks | None = None,
 ) -> dict[str, Any]:
     """Trains one seed of a row (its stages first, if any) unless the same commands already
     finished in its folders; returns {"commands", "seconds", "reused"}. A run whose stage
     trained after it is trained again; `trained` collects the folders trained in this
-    invocation, so `rerun` trains a shared stage once, not once per row."""
+    invocation, so `rerun` trains a shared stage once, not once per row (`locks` keeps that
+    true when rows run in parallel)."""
     trained = set() if trained is None else trained
+    locks = _FolderLocks() if locks is None else locks
     folder = run_folder(out, row, seed)
     shared = [*shared, f"train.seed={seed}"]
     commands, seconds, reused, init = [], 0.0, True, None
@@ -228,9 +246,10 @@ def run_row(
         overrides += [f"train.output_dir={where}", "train.eval_splits=[val]"]
         cmd = train_command(python, launcher, stage.config, overrides)
         log.info("row %s seed %d, stage %s: %s", row.key, seed, stage.name, shlex.join(cmd))
-        done = _recorded(cmd, where, rerun and where not in trained, init)
-        if not done["reused"]:
-            trained.add(where)
+        with locks(where):
+            done = _recorded(cmd, where, rerun and where not in trained, init)
+            if not done["reused"]:
+                trained.add(where)
         commands.append(cmd)
         if stage.shared:
             shared_seconds[str(where)] = done["seconds"]
@@ -658,9 +677,11 @@ def run_experiment(
     rerun: bool = False,
     size: str = "",
     progress: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Trains every row once per seed, scores every column, writes results.{json,md,png}
-    under `out` (the bootstrap draws use the first seed).
+    under `out` (the bootstrap draws use the first seed). `jobs` runs that many rows at once
+    (each run is seeded on its own, so the results do not depend on it).
 
     The runs start in the repository (for its configs): `out` and any paths in `shared`
     must be absolute or relative to it; scripts/experiment.py resolves them."""
@@ -674,13 +695,21 @@ def run_experiment(
     for row in exp.rows:
         if row.skip:
             progress(f"{row.label}: not run ({row.skip})")
-    for i, (seed, row) in enumerate(((s, r) for s in seeds for r in todo), 1):
-        tag = f"[{i}/{len(todo) * len(seeds)}] {row.label}, seed {seed}"
+    locks = _FolderLocks()
+    work = [(seed, row) for seed in seeds for row in todo]
+
+    def one(i: int, seed: int, row: Row) -> dict[str, Any]:
+        tag = f"[{i}/{len(work)}] {row.label}, seed {seed}"
         progress(f"{tag} ...")
-        run = run_row(row, exp, out, shared, launcher, rerun, seed, trained=trained)
-        runs[f"{row.key}/seed{seed}"] = run
+        run = run_row(row, exp, out, shared, launcher, rerun, seed, trained=trained, locks=locks)
         how = "reused" if run["reused"] else f"{run['seconds']:.0f} s"
         progress(f"{tag}: done ({how})")
+        return run
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(one, i, seed, row) for i, (seed, row) in enumerate(work, 1)]
+        for (seed, row), future in zip(work, futures, strict=True):
+            runs[f"{row.key}/seed{seed}"] = future.result()
     scores: dict[str, dict[str, Any]] = {row.key: {} for row in todo}
     for col in exp.columns:
         preds = {}
