@@ -704,7 +704,7 @@ def _remote_members(url: str, counter: SkipCounter, how: RemoteRead) -> Iterator
         try:
             with open_stream(url) as stream:
                 reader = CountingReader(stream, size)
-                with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as tar:
+                with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
                     for member in tar:
                         if not member.isreg() or member.name.startswith("__"):
                             continue

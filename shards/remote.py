@@ -105,11 +105,14 @@ def open_stream(url: str) -> Iterator[IO[bytes]]:
         return
     import fsspec
 
+    protocol = url.split("://", 1)[0]
+    # http(s): one streamed GET (block_size=0); fsspec's default reads blocks by range
+    # requests, which a server without Range support answers with the whole file each time.
+    options = {"block_size": 0} if protocol in ("http", "https") else {}
     try:
-        handle = fsspec.open(url, "rb")
+        handle = fsspec.open(url, "rb", **options)
         stream = handle.open()
     except ImportError as err:
-        protocol = url.split("://", 1)[0]
         package = _PROTOCOL_PACKAGES.get(protocol, f"the fsspec implementation of {protocol}://")
         raise ImportError(
             f"{url}: reading {protocol}:// needs {package} (pip install {package})"
