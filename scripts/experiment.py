@@ -88,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--bootstrap: expected >= 1")
     if args.jobs < 1:
         parser.error("--jobs: expected >= 1")
+    if args.jobs > 1 and args.launcher:
+        parser.error(
+            "--jobs > 1 with --launcher: launched rows would share the launcher's port and "
+            "devices; run them one at a time"
+        )
     for name in ("shards", "text_checkpoint"):  # the runs start in the repository
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).resolve())

@@ -827,14 +827,19 @@ def _read_tars(
 def sample_keys(shards: ShardSet) -> list[str]:
     """Every sample key of a split, from the tar headers only (nothing is decoded)."""
     keys: set[str] = set()
-    if shards.remote:  # one streamed pass over the split
+    if shards.remote:  # one streamed pass over the split; every rank must see every key
         urls = [path for path, _ in shards.shards]
-        return sorted(
-            {
-                raw["__key__"]
-                for raw in _read_tars(urls, SkipCounter(), None, RemoteRead(shards.sizes))
-            }
-        )
+        counter = SkipCounter(str(shards.folder))
+        found = {
+            raw["__key__"]
+            for raw in _read_tars(urls, counter, dict(shards.shards), RemoteRead(shards.sizes))
+        }
+        if counter.total:
+            raise DataError(
+                f"{shards.folder}: {counter.total} samples could not be read while listing the "
+                f"split's keys (data.label_fraction needs all of them): {counter.first[:3]}"
+            )
+        return sorted(found)
     for path, _ in shards.shards:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
@@ -991,14 +996,14 @@ class TrainStream(IterableDataset):
         pool_size = bs * max(1, self.cfg.bucket_batches)
         read = pool_read = pool_skipped = 0
         pool: list[dict[str, Any]] = []
-        for raw in self._raw_samples(worker, num_workers):
+        for raw, lost_before in self._pulls(self._raw_samples(worker, num_workers)):
             read += 1
             if skip > 0:
                 skip -= 1
                 self.counter.muted = skip > 0
                 continue
-            if not pool:  # where a resume into this pool starts reading again
-                pool_read, pool_skipped = read - 1, self.counter.total
+            if not pool:  # where a resume into this pool starts reading (and counting) again
+                pool_read, pool_skipped = read - 1, lost_before
             try:
                 pool.append(self.decode(raw))
             except Exception as err:  # one bad sample never stops a run
@@ -1019,6 +1024,17 @@ class TrainStream(IterableDataset):
                         continue
                     yield out
             pool = []
+
+    def _pulls(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], int]]:
+        """(raw sample, the loss count before it was pulled): losses found while pulling it
+        (the end of a short shard) belong after it, as a resumed stream counts them."""
+        while True:
+            before = self.counter.total
+            try:
+                raw = next(samples)
+            except StopIteration:
+                return
+            yield raw, before
 
     def _buckets(
         self, pool: list[dict[str, Any]], worker: int, pool_read: int, pool_skipped: int

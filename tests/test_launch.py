@@ -78,6 +78,37 @@ def test_ddp_two_processes_on_cpu(ad_shards, tiny_bert, tmp_path):
     assert launch["num_processes"] == 2
 
 
+def test_text_cache_built_by_two_ranks_under_zero2(ad_shards, tiny_bert, tmp_path):
+    cached = [
+        "model.text.mode=frozen",
+        "model.mlm_weight=0",
+        "model.cross_layers_text=0",
+        "model.cross_layers_image=0",
+        "data.text_cache=true",
+        f"data.text_cache_dir={tmp_path / 'cache'}",
+        "train.max_steps=2",
+        "train.eval_splits=[test]",
+    ]
+    zero2 = [
+        "--use_deepspeed",
+        "--deepspeed_config_file",
+        str(REPO / "configs/deepspeed/zero2.json"),
+    ]
+    _launch(zero2, tiny_overrides(ad_shards, tiny_bert, tmp_path / "a"), *cached)
+    folders = sorted((tmp_path / "cache" / "train").iterdir())
+    assert len(folders) == 1
+    meta = json.loads((folders[0] / "meta.json").read_text())
+    assert meta["parts"] == ["part-000-of-002", "part-001-of-002"]
+    keys = [json.loads((folders[0] / f"{p}.keys.json").read_text()) for p in meta["parts"]]
+    assert all(keys) and not set(keys[0]) & set(keys[1])  # each rank its share, once
+    total = json.loads((ad_shards / "train" / "manifest.json").read_text())["num_samples"]
+    assert len(keys[0]) + len(keys[1]) == total
+    # A second run reuses the cache on both ranks (one decision for all, no hang).
+    proc = _launch(zero2, tiny_overrides(ad_shards, tiny_bert, tmp_path / "b"), *cached)
+    assert "reusing" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["test"]["itc_loss"] > 0
+
+
 def test_qlora_text_tower_with_itc_under_zero2(ad_shards, tiny_bert, tiny_llama, tmp_path):
     _launch(
         ["--use_deepspeed", "--zero_stage", "2"],

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -706,10 +706,21 @@ def run_experiment(
         progress(f"{tag}: done ({how})")
         return run
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(one, i, seed, row) for i, (seed, row) in enumerate(work, 1)]
-        for (seed, row), future in zip(work, futures, strict=True):
-            runs[f"{row.key}/seed{seed}"] = future.result()
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    futures = {
+        pool.submit(one, i, seed, row): f"{row.key}/seed{seed}"
+        for i, (seed, row) in enumerate(work, 1)
+    }
+    try:
+        for future in as_completed(futures):
+            runs[futures[future]] = future.result()
+    except BaseException:
+        # The first failure (or Ctrl-C) ends the experiment: no queued row starts; rows
+        # already training finish their current run.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    runs = {f"{row.key}/seed{seed}": runs[f"{row.key}/seed{seed}"] for seed, row in work}
     scores: dict[str, dict[str, Any]] = {row.key: {} for row in todo}
     for col in exp.columns:
         preds = {}

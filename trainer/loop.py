@@ -41,7 +41,7 @@ from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.plots import plot_losses
 from trainer.run_state import EarlyStopping, RunState, check_resume, data_fingerprint
 from trainer.tasks import EvalContext, Task, build_task
-from trainer.text_cache import TextCache, prepare_text_cache
+from trainer.text_cache import TextCache, prepare_text_cache, tower_digest
 from trainer.watchdog import Heartbeat, is_collective_timeout, watch_parent
 
 log = logging.getLogger("medalign")
@@ -203,6 +203,7 @@ def build_text_caches(
     if cfg.train.eval_every and "val" not in splits:
         splits.append("val")
     caches = {}
+    tower = tower_digest(model.text) if getattr(model, "text", None) is not None else None
     for split in splits:
         folder = cfg.data.split_dir(split)
         if folder not in caches:
@@ -213,6 +214,7 @@ def build_text_caches(
                 cfg.model.text_max_length,
                 accelerator,
                 cfg.data.eval_batch_size,
+                tower,
             )
     return caches
 

@@ -75,7 +75,14 @@ def summary_word_limit(cfg: Config) -> int:
         return cfg.data.clinical.summary_words
     try:
         return ShardSet.load(cfg.data.train).word_limit
-    except (FileNotFoundError, ValueError, KeyError):
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        log.warning(
+            "the training split's manifest cannot be read (%s): clinical summaries are cut to "
+            "%d words, the writer's default; pass data.clinical.summary_words=N to match the "
+            "run's shards",
+            err,
+            DEFAULT_WORD_LIMIT,
+        )
         return DEFAULT_WORD_LIMIT
 
 

@@ -36,16 +36,20 @@ import json
 import logging
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from shards.reader import (
     DataConfig,
+    DataError,
+    RemoteRead,
     ShardSet,
     SkipCounter,
     _read_tars,
@@ -54,6 +58,7 @@ from shards.reader import (
     tokenize_texts,
 )
 from shards.remote import is_remote
+from trainer.distributed import sum_over_ranks, zero_stage
 from trainer.run_state import manifest_sha256
 from trainer.schema import to_dict
 
@@ -109,11 +114,13 @@ def tower_digest(tower: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model: nn.Module, data: DataConfig, split_dir: str, max_length: int) -> str:
+def fingerprint(
+    model: nn.Module, data: DataConfig, split_dir: str, max_length: int, tower: str | None = None
+) -> str:
     text = model.text
     parts = {
         "version": CACHE_VERSION,
-        "tower": tower_digest(text),
+        "tower": tower or tower_digest(text),
         "tokenizer": hashlib.sha256(_tokenizer_bytes(text.tokenizer)).hexdigest(),
         "max_length": max_length,
         "pooling": text.pooling,
@@ -206,8 +213,13 @@ class TextCache:
         }
 
 
+def _tmp(path: Path) -> Path:
+    """A temporary name only this process writes (two jobs may build the same cache)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     with open(tmp, "wb") as fh:
         np.save(fh, array)
     os.replace(tmp, path)
@@ -225,12 +237,16 @@ def _build_part(
     device: torch.device,
     batch_size: int,
 ) -> int:
-    """Embeds this rank's share of the split and writes its part; returns its sample count."""
+    """Embeds this rank's share of the split (the samples whose key hashes to it) and writes
+    its part; returns (samples embedded, samples the reader rejects). A shard that cannot be
+    read is an error: a cache without some of the split's samples must not be written."""
     decode = sample_decoder(shards, data)
     keys, texts = [], []
     counter = SkipCounter(str(shards.folder))
-    for index, raw in enumerate(_read_tars([p for p, _ in shards.shards], counter)):
-        if index % world != rank:
+    remote = RemoteRead(shards.sizes, data.remote_retries, data.remote_backoff_s)
+    urls = [p for p, _ in shards.shards]
+    for raw in _read_tars(urls, counter, dict(shards.shards), remote):
+        if zlib.crc32(str(raw.get("__key__")).encode()) % world != rank:
             continue
         try:
             sample = decode(raw)
@@ -239,6 +255,11 @@ def _build_part(
             continue
         keys.append(sample["key"])
         texts.append(sample["text"])
+    if counter.counts["lost"]:
+        raise DataError(
+            f"{shards.folder}: {counter.counts['lost']} samples could not be read while building "
+            f"the text cache; nothing was written. First reasons: {counter.first[:3]}"
+        )
     tokenizer = model.text.tokenizer
     kind = cache_kind(model)
     lengths = np.zeros(len(texts), dtype=np.int64)
@@ -250,7 +271,7 @@ def _build_part(
     rows = len(texts) if kind == "pooled" else int(lengths.sum())
     prefix = f"part-{rank:03d}-of-{world:03d}"
     states_path = folder / f"{prefix}.states.npy"
-    tmp = states_path.with_name(states_path.name + ".tmp")
+    tmp = _tmp(states_path)
     states = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, hidden))
     was_training = model.training
     model.eval()
@@ -272,9 +293,9 @@ def _build_part(
     _save_npy(folder / f"{prefix}.lengths.npy", lengths)
     _save_npy(folder / f"{prefix}.offsets.npy", offsets)
     keys_path = folder / f"{prefix}.keys.json"  # last: the part is complete
-    keys_path.with_name(keys_path.name + ".tmp").write_text(json.dumps(keys))
-    os.replace(keys_path.with_name(keys_path.name + ".tmp"), keys_path)
-    return len(keys)
+    _tmp(keys_path).write_text(json.dumps(keys))
+    os.replace(_tmp(keys_path), keys_path)
+    return len(keys), sum(counter.counts.values())
 
 
 def prepare_text_cache(
@@ -284,16 +305,27 @@ def prepare_text_cache(
     max_length: int,
     accelerator: Accelerator,
     batch_size: int = 64,
+    tower: str | None = None,
 ) -> TextCache:
-    """The split's cache for this tower: reused when built, else built (each rank its share)."""
+    """The split's cache for this tower: reused when built, else built (each rank its share).
+    `tower`: the tower's digest when the caller has it (`tower_digest`; one per run)."""
     reason = why_not_cached(model)
     if reason is not None:
         raise ValueError(f"data.text_cache=true: {reason}")
+    if zero_stage(accelerator) == 3:
+        raise ValueError(
+            "data.text_cache=true under DeepSpeed ZeRO-3: the tower's weights are partitioned "
+            "(neither hashed nor run on one rank alone); use ZeRO-1/2 or DDP to build the cache"
+        )
     shards = ShardSet.load(split_dir)
-    digest = fingerprint(model, data, split_dir, max_length)
+    digest = fingerprint(model, data, split_dir, max_length, tower)
     folder = cache_folder(data, split_dir, shards.name, digest)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if (folder / META).is_file():
+    # One decision for every rank (another job may finish the same cache meanwhile).
+    built = [(folder / META).is_file() if accelerator.is_main_process else None]
+    if world > 1:
+        built = broadcast_object_list(built)
+    if built[0]:
         log.info("text cache %s: reusing %s", shards.name, folder)
         return TextCache(folder, data.pad_to, max_length)
     try:
@@ -304,9 +336,14 @@ def prepare_text_cache(
             "to a writable folder"
         ) from err
     start = time.perf_counter()
-    n = _build_part(
-        model, shards, data, max_length, rank, world, folder, accelerator.device, batch_size
-    )
+    try:
+        n, rejected = _build_part(
+            model, shards, data, max_length, rank, world, folder, accelerator.device, batch_size
+        )
+    except DataError as err:
+        problem, n, rejected = str(err), 0, 0
+    else:
+        problem = ""
     log.info(
         "text cache %s: rank %d embedded %d texts in %.1f s",
         shards.name,
@@ -314,7 +351,15 @@ def prepare_text_cache(
         n,
         time.perf_counter() - start,
     )
-    accelerator.wait_for_everyone()
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        raise DataError("; ".join(problems))
+    counted = sum_over_ranks(accelerator, [n, rejected])
+    if counted[0] + counted[1] != shards.num_samples:
+        raise DataError(
+            f"{shards.folder}: the text cache holds {counted[0]} samples and {counted[1]} were "
+            f"rejected, but the manifest lists {shards.num_samples}; nothing was committed"
+        )
     if accelerator.is_main_process:
         meta = {
             "fingerprint": digest,
