@@ -28,7 +28,7 @@ from shards.reader import DataConfig, EvalStream, ShardSet  # noqa: E402
 
 class _Quiet(SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
-        pass
+        """No request log on stderr."""
 
 
 def one_pass(location: str) -> float:

@@ -587,7 +587,13 @@ def tokenize_texts(
     tokens = tokenizer(
         texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
-    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    return trim_padding(tokens["input_ids"], tokens["attention_mask"], max_length, pad_to)
+
+
+def trim_padding(
+    ids: torch.Tensor, mask: torch.Tensor, max_length: int, pad_to: str = "longest"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, L) ids and mask cut to the longest row's padded width (pad_to longest)."""
     if pad_to == "longest":  # right padding: the columns past the longest are padding
         width = padded_width(int(mask.sum(1).max()), max_length)
         ids, mask = ids[:, :width].contiguous(), mask[:, :width].contiguous()
@@ -629,22 +635,37 @@ class _Batcher:
         """Texts -> input_ids and attention_mask (B, L), truncated to max_length; L per pad_to."""
         return tokenize_texts(self.tokenizer, texts, self.max_length, self.pad_to)
 
-    def lengths(self, samples: list[dict[str, Any]]) -> list[int]:
-        """Each sample's text length in tokens, as it will be batched (length bucketing)."""
+    def pool_tokens(
+        self, samples: list[dict[str, Any]]
+    ) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Length bucketing: each sample's text length in tokens, and the pool's texts tokenized
+        once at max_length (None when a text cache or no tokenizer supplies the text side);
+        its batches take their rows (`__call__`'s `tokens`)."""
         if self.text_cache is not None:
-            return self.text_cache.lengths([s["key"] for s in samples]).tolist()
+            return self.text_cache.lengths([s["key"] for s in samples]).tolist(), None
         if self.tokenizer is None:
-            return [0] * len(samples)
-        _, mask = self.tokenize([s["text"] for s in samples])
-        return mask.sum(1).tolist()
+            return [0] * len(samples), None
+        texts = [s["text"] for s in samples]
+        ids, mask = tokenize_texts(self.tokenizer, texts, self.max_length, "max_length")
+        return mask.sum(1).tolist(), (ids, mask)
 
-    def __call__(self, samples: list[dict[str, Any]], valid: list[bool]) -> dict[str, Any]:
+    def __call__(
+        self,
+        samples: list[dict[str, Any]],
+        valid: list[bool],
+        tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """`tokens`: these samples' rows of `pool_tokens`, so their texts are not tokenized again."""
         out = {"image": _stack_images([s["image"] for s in samples])}
         if self.text_cache is not None:
             out.update(self.text_cache.lookup([s["key"] for s in samples]))
         elif self.tokenizer is not None:  # image-only models batch no text
-            out["input_ids"], out["attention_mask"] = self.tokenize([s["text"] for s in samples])
-            out["text_tokens"] = out["attention_mask"].sum(1)
+            if tokens is None:
+                ids, mask = self.tokenize([s["text"] for s in samples])
+            else:
+                ids, mask = trim_padding(*tokens, self.max_length, self.pad_to)
+            out["input_ids"], out["attention_mask"] = ids, mask
+            out["text_tokens"] = mask.sum(1)
         if self.format == CXR_FORMAT:
             out["labels"] = torch.stack([s["labels"] for s in samples])
             out["label_mask"] = torch.stack([s["label_mask"] for s in samples])
@@ -1041,12 +1062,13 @@ class TrainStream(IterableDataset):
     ) -> Iterator[dict[str, Any]]:
         """A length-bucketing pool -> its batches: sorted by text length, cut, seeded order."""
         bs = self.cfg.batch_size
-        lengths = self.batcher.lengths(pool)
+        lengths, tokens = self.batcher.pool_tokens(pool)
         order = sorted(range(len(pool)), key=lambda i: (lengths[i], i))
         batches = [order[i : i + bs] for i in range(0, len(order), bs)]
         random.Random(f"buckets-{self.seed}-{self.rank}-{worker}-{pool_read}").shuffle(batches)
         for pos, index in enumerate(batches, 1):
-            out = self.batcher([pool[i] for i in index], [True] * bs)
+            rows = None if tokens is None else (tokens[0][index], tokens[1][index])
+            out = self.batcher([pool[i] for i in index], [True] * bs, rows)
             out.update(worker=worker, skipped=pool_skipped, read=pool_read, pool_pos=pos)
             out["retries"] = self.counter.retries
             yield out

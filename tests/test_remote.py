@@ -28,8 +28,8 @@ class _Handler(SimpleHTTPRequestHandler):
     drops: dict[str, int] = {}
     requests: list[str] = []
 
-    def log_message(self, *args) -> None:  # quiet
-        pass
+    def log_message(self, *args) -> None:
+        """No request log on stderr."""
 
     def copyfile(self, source, outputfile) -> None:
         name = self.path.rsplit("/", 1)[-1]
