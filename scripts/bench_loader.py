@@ -75,8 +75,8 @@ import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from shards.chexpert import LABEL_NAMES  # noqa: E402
-from shards.dicom import decode_png, encode_png, read_dicom  # noqa: E402
+from shards.common import ShardSink  # noqa: E402
+from shards.cxr_labels import LABEL_NAMES  # noqa: E402
 from shards.reader import (  # noqa: E402
     AD_FORMAT,
     CXR_FORMAT,
@@ -86,9 +86,9 @@ from shards.reader import (  # noqa: E402
     build_train_loader,
     sample_decoder,
 )
-from shards.synthetic_ad import mni_template_path  # noqa: E402
+from shards.synthetic.ad import mni_template_path  # noqa: E402
 from shards.volume import load_volume  # noqa: E402
-from shards.writer import ShardSink  # noqa: E402
+from shards.xray_images import decode_png, encode_png, read_dicom  # noqa: E402
 
 try:
     import zstandard
@@ -180,7 +180,7 @@ def xray_sample(i: int, png: bytes, rng: np.random.Generator) -> dict[str, Any]:
 
 
 def volume_sample(i: int, npy: bytes) -> dict[str, Any]:
-    """A medalign-ad-v1 tar sample (the member names shards/writer.py writes)."""
+    """A medalign-ad-v1 tar sample (the member names shards/ad_writer.py writes)."""
     meta = {"subject": f"S{i:04d}", "cohort": "ADNI", "image_id": f"I{i}", "split": SPLIT}
     meta |= {"diagnosis": ["CN", "MCI", "AD"][i % 3], "label": i % 3, "binary": int(i % 3 > 0)}
     return {

@@ -47,8 +47,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         split = Path(args.split) if args.split else None
         if split is None:
-            from shards.synthetic_ad import generate_ad_cohort
-            from shards.writer import write_ad_shards
+            from shards.ad_writer import write_ad_shards
+            from shards.synthetic.ad import generate_ad_cohort
 
             sources = generate_ad_cohort(Path(tmp) / "raw", subjects_per_cohort=20, seed=0)
             write_ad_shards(sources, Path(tmp) / "shards", size=64, samples_per_shard=32, seed=0)

@@ -102,7 +102,7 @@ def analytic_7b() -> None:
 def bench_cache(args, root: Path) -> None:
     from shards.mimic_cxr import write_cxr_shards
     from shards.reader import read_texts
-    from shards.synthetic_cxr import generate_mimic_cxr
+    from shards.synthetic.cxr import generate_mimic_cxr
 
     paths = generate_mimic_cxr(root / "raw", subjects=args.subjects, size=128, seed=0)
     write_cxr_shards(paths["root"], paths["reports_root"], root / "shards", size=64)

@@ -18,8 +18,11 @@ if importlib.util.find_spec("shards") is None:  # running from a checkout withou
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shards.ad_tables import FORMATS  # noqa: E402
-from shards.synthetic_ad import read_sources_file  # noqa: E402
-from shards.writer import empty_run_error, write_ad_shards  # noqa: E402
+from shards.ad_writer import (  # noqa: E402
+    empty_run_error,
+    read_sources_file,  # noqa: E402
+    write_ad_shards,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,9 +18,13 @@ from pathlib import Path
 if importlib.util.find_spec("shards") is None:  # running from a checkout without pip install -e
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.mimic_cxr import FRONTAL, LABELERS, write_cxr_shards  # noqa: E402
-from shards.synthetic_cxr import read_sources_file  # noqa: E402
-from shards.writer import empty_run_error  # noqa: E402
+from shards.ad_writer import empty_run_error  # noqa: E402
+from shards.mimic_cxr import (  # noqa: E402
+    FRONTAL,
+    LABELERS,
+    read_sources_file,  # noqa: E402
+    write_cxr_shards,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ from pathlib import Path
 if importlib.util.find_spec("shards") is None:  # running from a checkout without pip install -e
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.synthetic_cxr import generate_mimic_cxr  # noqa: E402
+from shards.synthetic.cxr import generate_mimic_cxr  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

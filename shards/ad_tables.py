@@ -11,9 +11,6 @@ and returns a lazy iterator of ``AdRecord | Reject``.
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import logging
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -22,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.clinical import is_missing, parse_cell, parse_number
+from shards.common import Reject, read_table
 from shards.volume import is_volume_file
 
 log = logging.getLogger(__name__)
@@ -123,46 +121,7 @@ class AdRecord:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Reject:
-    """An input that produced no sample: where it came from, a reason code and a readable detail."""
-
-    source: str
-    reason: str
-    detail: str
-
-
 Stats = MutableMapping[str, int]
-
-
-def _open_text(path: Path) -> io.TextIOWrapper:
-    raw = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-
-
-def read_table(path: str | Path) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
-    """Open a .csv or .csv.gz table: (stripped header, lazy iterator of (line number, row))."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: table not found")
-    with _open_text(path) as text:
-        header = [h.strip() for h in next(csv.reader(text), [])]
-    if not any(header):
-        raise ValueError(f"{path}: empty table, expected a header row")
-
-    def rows() -> Iterator[tuple[int, dict[str, str]]]:
-        # Reopened here so that a caller who only checks the header leaves no file open.
-        with _open_text(path) as text:
-            reader = csv.reader(text)
-            next(reader)
-            for cells in reader:
-                if not any(c.strip() for c in cells):
-                    continue
-                cells = cells + [""] * (len(header) - len(cells))
-                yield reader.line_num, dict(zip(header, cells, strict=False))
-
-    return header, rows()
 
 
 def _require(path: Path, header: list[str], required: tuple[str, ...], fmt: str) -> None:

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from shards.common import RecordError
 from shards.cxr_reports import normalize_deid
-from shards.volume import RecordError
 
 # Cells that mean "no value" in the tables people actually have.
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "none", "null", "-"})

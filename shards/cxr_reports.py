@@ -48,7 +48,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shards.volume import RecordError
+from shards.common import RecordError
 
 PREAMBLE_END = re.compile(r"^[ \t]*FINAL REPORT[ \t]*$", re.MULTILINE)
 # An upper-case header at the start of a line, e.g. "FINDINGS:", "PA AND LATERAL VIEWS OF THE

@@ -37,13 +37,20 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shards.ad_tables import Reject, read_table
-from shards.chexpert import LABEL_NAMES, parse_label_cell
+from shards.common import (
+    RecordError,
+    Reject,
+    ShardSink,
+    clear_old_shards,
+    parallel_map,
+    read_table,
+    safe_key,
+    write_rejects,
+)
+from shards.cxr_labels import LABEL_NAMES, parse_label_cell
 from shards.cxr_reports import read_report
-from shards.dicom import DICOM_SUFFIX, png_job
 from shards.splits import SPLITS
-from shards.volume import RecordError
-from shards.writer import ShardSink, clear_old_shards, parallel_map, safe_key, write_rejects
+from shards.xray_images import DICOM_SUFFIX, png_job
 
 log = logging.getLogger(__name__)
 
@@ -505,3 +512,15 @@ def write_cxr_shards(
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(summary_line(report))
     return report
+
+
+def read_sources_file(root: str | Path) -> tuple[Path, Path]:
+    """(images root, reports root) that a synthetic tree (shards.synthetic.cxr) recorded in <root>/cxr_sources.json."""
+    root = Path(root)
+    path = root / "cxr_sources.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: not found; expected a folder written by generate_mimic_cxr"
+        )
+    record = json.loads(path.read_text())
+    return root / record["root"], root / record["reports_root"]

@@ -20,7 +20,7 @@ decoded and collated (a manifest without "format" is read as medalign-ad-v1). Sa
 and worker split, resume skipping, resampling and eval padding work on raw tar samples and are
 the same for both. The batch keys are fixed per format:
 
-  medalign-ad-v1 (Alzheimer's volumes, shards/writer.py):
+  medalign-ad-v1 (Alzheimer's volumes, shards/ad_writer.py):
     image (B, 1, S, S, S) float16 as stored (the trainer casts it on the device; a volume
     stored in another dtype is read as float32), input_ids (B, L) long, attention_mask (B, L) long,
     label (B,) long (data.label_mode: three_class NC/MCI/AD or binary), binary (B,) bool (the
@@ -32,7 +32,7 @@ the same for both. The batch keys are fixed per format:
   medalign-cxr-v1 (chest X-rays, shards/mimic_cxr.py):
     image (B, 1, S, S) float32 in [0, 1] (8- or 16-bit PNG), input_ids (B, L) long,
     attention_mask (B, L) long, labels (B, 14) float32 targets and label_mask (B, 14) float32
-    (the 14 CheXpert labels in shards.chexpert.LABEL_NAMES order, after data.labels: the
+    (the 14 CheXpert labels in shards.cxr_labels.LABEL_NAMES order, after data.labels: the
     uncertain / blank policy; a loss multiplies its per-label terms by the mask), valid (B,)
     bool, key / split / text (lists of str), group (list of str: the study id; images of one study
     share one report, so retrieval counts any image of the group as a match), worker, skipped
@@ -78,16 +78,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
-from shards.chexpert import NUM_LABELS as CXR_NUM_LABELS
-from shards.chexpert import LabelPolicyConfig, labels_to_array
 from shards.clinical import check_groups, render_text
-from shards.dicom import decode_png
+from shards.cxr_labels import LABEL_NAMES as CXR_LABEL_NAMES
+from shards.cxr_labels import NUM_LABELS as CXR_NUM_LABELS
+from shards.cxr_labels import LabelPolicyConfig, labels_to_array
 from shards.remote import CountingReader, is_remote, open_stream
 from shards.remote import basename as remote_basename
 from shards.remote import join as remote_join
 from shards.remote import read_bytes as remote_read_bytes
 from shards.splits import label_fraction_indices
+from shards.xray_images import decode_png
 
 log = logging.getLogger(__name__)
 

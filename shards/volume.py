@@ -14,25 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shards.common import RecordError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img")
-
-
-class RecordError(Exception):
-    """A record that cannot be used; ``reason`` is a short machine-friendly code.
-
-    The message names the file and what was expected, so a reject log is actionable.
-    """
-
-    def __init__(self, reason: str, path: str | Path, detail: str = "") -> None:
-        self.reason = reason
-        self.path = str(path)
-        self.detail = detail
-        super().__init__(f"{reason}: {self.path}: {detail}" if detail else f"{reason}: {self.path}")
-
-    def __reduce__(self) -> tuple:
-        # Default exception pickling passes only str(self) back to __init__; keep all fields
-        # so the error survives a multiprocessing round trip.
-        return (RecordError, (self.reason, self.path, self.detail))
 
 
 def is_volume_file(path: Path) -> bool:

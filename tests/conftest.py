@@ -20,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ad_shards(tmp_path_factory) -> Path:
-    from shards.synthetic_ad import generate_ad_cohort
-    from shards.writer import write_ad_shards
+    from shards.ad_writer import write_ad_shards
+    from shards.synthetic.ad import generate_ad_cohort
 
     root = tmp_path_factory.mktemp("ad")
     sources = generate_ad_cohort(
@@ -188,7 +188,7 @@ def cxr_data(tmp_path_factory) -> dict[str, Path]:
     from models.text import make_tiny_bert_checkpoint
     from shards.mimic_cxr import write_cxr_shards
     from shards.reader import read_texts
-    from shards.synthetic_cxr import generate_mimic_cxr
+    from shards.synthetic.cxr import generate_mimic_cxr
 
     root = tmp_path_factory.mktemp("cxr_data")
     paths = generate_mimic_cxr(root / "raw", subjects=16, size=48, seed=1)

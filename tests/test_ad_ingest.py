@@ -15,11 +15,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from shards.ad_tables import AdRecord, Reject, read_source
+from shards.ad_tables import AdRecord, read_source
 from shards.clinical import render_text
+from shards.common import RecordError, Reject
 from shards.splits import assign_splits, check_ratios, subject_strata
-from shards.synthetic_ad import generate_ad_cohort, reorient
-from shards.volume import RecordError, load_volume, read_canonical, to_cube
+from shards.synthetic.ad import generate_ad_cohort, reorient
+from shards.volume import load_volume, read_canonical, to_cube
 
 ADNI_HEADER = (
     "RID,PTID,VISCODE,EXAMDATE,DX_bl,AGE,PTGENDER,PTEDUCAT,APOE4,CDRSB,ADAS13,MMSE,LDELTOTAL,"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from shards.ad_writer import write_ad_shards
 from shards.clinical import FIELD_GROUPS, GROUP_NAMES, _sentence, field_group, render_text
 from shards.reader import (
     ClinicalTextConfig,
@@ -21,8 +22,7 @@ from shards.reader import (
     _read_tars,
     decode_sample,
 )
-from shards.synthetic_ad import DEMOGRAPHICS, _make_subject, generate_ad_cohort
-from shards.writer import write_ad_shards
+from shards.synthetic.ad import DEMOGRAPHICS, _make_subject, generate_ad_cohort
 from trainer.evaluate import binary_metrics, collapse_to_binary, score
 
 HOLDOUT = ("AIBL", "OASIS-2", "MIRIAD")
@@ -73,7 +73,7 @@ def test_held_out_cohorts_share_no_subject_or_cohort_with_training(held_out) -> 
 
 def test_holdout_names_are_checked(tmp_path, held_out) -> None:
     raw = held_out[0].parent / "raw"
-    from shards.synthetic_ad import read_sources_file
+    from shards.ad_writer import read_sources_file
 
     sources = read_sources_file(raw)
     with pytest.raises(ValueError, match="no such cohort.*'ADNI'"):

@@ -23,7 +23,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from shard_fixtures import read_samples
 
-from shards.chexpert import (
+from shards.common import RecordError
+from shards.cxr_labels import (
     LABEL_NAMES,
     LabelPolicyConfig,
     apply_uncertainty,
@@ -31,10 +32,16 @@ from shards.chexpert import (
     parse_label_cell,
 )
 from shards.cxr_reports import extract_text, read_report
-from shards.dicom import decode_png, encode_png, load_square, read_dicom, read_jpeg, square_resize
 from shards.mimic_cxr import CxrRecord, cxr_key, read_mimic_cxr, write_cxr_shards
-from shards.synthetic_cxr import generate_mimic_cxr
-from shards.volume import RecordError
+from shards.synthetic.cxr import generate_mimic_cxr
+from shards.xray_images import (
+    decode_png,
+    encode_png,
+    load_square,
+    read_dicom,
+    read_jpeg,
+    square_resize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")

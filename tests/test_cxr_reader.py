@@ -15,8 +15,7 @@ import webdataset as wds
 from shard_fixtures import CharTokenizer
 from torch.utils.data import DataLoader
 
-from shards.chexpert import LABEL_NAMES, LabelPolicyConfig, labels_to_array
-from shards.dicom import encode_png
+from shards.cxr_labels import LABEL_NAMES, LabelPolicyConfig, labels_to_array
 from shards.mimic_cxr import FORMAT, write_cxr_shards
 from shards.reader import (
     DataConfig,
@@ -27,7 +26,8 @@ from shards.reader import (
     _read_tars,
     decode_cxr_sample,
 )
-from shards.synthetic_cxr import generate_mimic_cxr
+from shards.synthetic.cxr import generate_mimic_cxr
+from shards.xray_images import encode_png
 
 SIZE = 32
 CXR_KEYS = {

@@ -26,7 +26,7 @@ def cxr(tmp_path_factory):
     from models.text import make_tiny_bert_checkpoint
     from shards.mimic_cxr import write_cxr_shards
     from shards.reader import read_texts
-    from shards.synthetic_cxr import generate_mimic_cxr
+    from shards.synthetic.cxr import generate_mimic_cxr
 
     root = tmp_path_factory.mktemp("cxr")
     paths = generate_mimic_cxr(root / "raw", subjects=24, size=64, seed=1)

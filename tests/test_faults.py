@@ -467,7 +467,7 @@ def test_a_shard_run_that_writes_nothing_exits_non_zero(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "scripts"))
     import make_ad_shards
 
-    from shards.synthetic_ad import generate_ad_cohort
+    from shards.synthetic.ad import generate_ad_cohort
 
     raw = tmp_path / "raw"
     generate_ad_cohort(raw, subjects_per_cohort=2, shape=(8, 8, 8), seed=0, template="phantom")

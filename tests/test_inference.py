@@ -24,9 +24,9 @@ from conftest import (
 from pydicom.data import get_testdata_file
 from safetensors import safe_open
 
-from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
-from shards.dicom import decode_png, png_job
-from shards.writer import _preprocess
+from shards.ad_writer import _preprocess
+from shards.cxr_labels import LABEL_NAMES as CXR_LABEL_NAMES
+from shards.xray_images import decode_png, png_job
 from trainer.inference import Predictor
 
 ATOL = 1e-5  # batches differ from the run's (size, text padding): equal up to float noise

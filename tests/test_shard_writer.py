@@ -18,8 +18,8 @@ import webdataset as wds
 from shard_fixtures import read_samples
 
 from shards.ad_tables import AdRecord, read_source
-from shards.synthetic_ad import generate_ad_cohort
-from shards.writer import sample_key, write_ad_shards
+from shards.ad_writer import sample_key, write_ad_shards
+from shards.synthetic.ad import generate_ad_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from shards.ad_tables import ADNI_REQUIRED, OASIS_REQUIRED, AdRecord, read_source
+from shards.ad_writer import read_sources_file
 from shards.clinical import render_text
-from shards.synthetic_ad import (
+from shards.synthetic.ad import (
     Latents,
     build_anatomy,
     generate_ad_cohort,
     mni_template_path,
-    read_sources_file,
     synth_volume,
 )
 from shards.volume import load_volume, read_canonical

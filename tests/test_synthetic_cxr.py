@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.chexpert import LABEL_NAMES
+from shards.cxr_labels import LABEL_NAMES
 from shards.cxr_reports import extract_text
-from shards.synthetic_cxr import (
+from shards.synthetic.cxr import (
     FINDINGS,
     CxrImage,
     Finding,

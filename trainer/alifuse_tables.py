@@ -17,7 +17,7 @@ what the row is about; a size then scales every row alike:
 
 Data: the user's shards (--shards DIR, written with --holdout AIBL OASIS-2 MIRIAD), or a
 synthetic cohort in the five cohorts' published layouts, written once per size under
-OUT/../data-ad-<size>/ (shards/synthetic_ad.py; its signal model is in docs/ALIFUSE.md).
+OUT/../data-ad-<size>/ (shards/synthetic/ad.py; its signal model is in docs/ALIFUSE.md).
 """
 
 from __future__ import annotations
@@ -187,9 +187,9 @@ def prepare_data(
     """The synthetic cohort -> shards (`holdout` cohorts written apart) -> a tiny BERT, each
     written once under `root` and reused while its recipe is unchanged. Returns (shards, bert)."""
     from models.text import make_tiny_bert_checkpoint
+    from shards.ad_writer import write_ad_shards
     from shards.reader import read_texts
-    from shards.synthetic_ad import generate_ad_cohort
-    from shards.writer import write_ad_shards
+    from shards.synthetic.ad import generate_ad_cohort
 
     recipe = {
         "subjects_per_cohort": size.subjects_per_cohort,

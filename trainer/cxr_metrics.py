@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
 from models.losses import masked_bce  # noqa: F401 - re-exported: the loss the scores pair with
-from shards.chexpert import LABEL_NAMES
+from shards.cxr_labels import LABEL_NAMES
 
 # The CheXpert labeler's columns, in the order of mimic-cxr-2.0.0-chexpert.csv.
 CHEXPERT_LABELS: tuple[str, ...] = LABEL_NAMES  # the CSV's column order, defined once

@@ -19,7 +19,7 @@ same head). Sizes:
     paper     the presets as they are (ViT-B/16 at 224, LLaMA-2-7B): --shards and
               --text-checkpoint /path/to/Llama-2-7b-hf, on GPUs
 
-The synthetic reports describe the synthetic findings (shards/synthetic_cxr.py), so alignment
+The synthetic reports describe the synthetic findings (shards/synthetic/cxr.py), so alignment
 has something to learn; a randomly initialised tiny LLaMA is not a language model, which is
 the main reason the default size's numbers say little about LLaMA-2-7B's.
 """
@@ -30,7 +30,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.chexpert import LABEL_NAMES
+from shards.cxr_labels import LABEL_NAMES
 from trainer.experiment import (
     Column,
     Experiment,
@@ -217,7 +217,7 @@ def prepare_data(size: Size, root: Path, seed: int, progress=print) -> tuple[Pat
     from models.llama_text import make_tiny_llama_checkpoint
     from shards.mimic_cxr import write_cxr_shards
     from shards.reader import read_texts
-    from shards.synthetic_cxr import generate_mimic_cxr
+    from shards.synthetic.cxr import generate_mimic_cxr
 
     recipe = {"subjects": size.subjects, "image": size.image, "llama": size.llama, "seed": seed}
     stamp = root / "data_recipe.json"

@@ -9,7 +9,7 @@ recognition" (seed 002) as a recipe.
 Every row is configs/ad_fusion_paper.yaml (three branches, attention fusion, Adam 1e-3 with
 decay, early stopping) with `model.fusion.branches` changed; precision, recall and F1 are
 macro averages over the three classes (NC / MCI / AD). Data: the synthetic AD cohort
-(shards/synthetic_ad.py) split 70 / 15 / 15 by subject (the paper splits at random; see
+(shards/synthetic/ad.py) split 70 / 15 / 15 by subject (the paper splits at random; see
 configs/ad_fusion_paper.yaml), or the user's shards (--shards) and tokenizer folder
 (--text-checkpoint).
 """

@@ -8,7 +8,7 @@ probabilities, logits and embeddings out.
 Inputs go through the code that wrote and read the training shards, so the model sees at use
 what it saw in training:
 
-    .jpg .jpeg .png .dcm  shards.dicom.load_square at model.vision.img_size, then / 255
+    .jpg .jpeg .png .dcm  shards.xray_images.load_square at model.vision.img_size, then / 255
                           (8-bit) or / 65535 (16-bit DICOM): the shard's PNG as decode_png reads it
     .nii .nii.gz .img     shards.volume.load_volume at model.vision.img_size, stored as float16
                           (as the AD writer stores it), read back as float32
@@ -45,12 +45,13 @@ from tqdm import tqdm
 from models.alifuse import build_model
 from models.heads import MultiLabelModel
 from shards.ad_tables import GENERIC_META
-from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.clinical import parse_cell, render_text
-from shards.dicom import load_square
+from shards.common import RecordError
+from shards.cxr_labels import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.reader import LABEL_NAMES as AD_LABEL_NAMES
 from shards.reader import ShardSet, build_eval_loader, tokenize_texts
-from shards.volume import NIFTI_SUFFIXES, RecordError, is_volume_file, load_volume
+from shards.volume import NIFTI_SUFFIXES, is_volume_file, load_volume
+from shards.xray_images import load_square
 from trainer.config import Config
 from trainer.distributed import resolve_mixed_precision
 from trainer.evaluate import isolated_rng
@@ -207,7 +208,7 @@ class Predictor:
             array, _ = load_square(path, vision.img_size)
         except RecordError as err:
             raise ValueError(str(err)) from err
-        scale = 255.0 if array.dtype == np.uint8 else 65535.0  # as shards.dicom.decode_png
+        scale = 255.0 if array.dtype == np.uint8 else 65535.0  # as shards.xray_images.decode_png
         return (array.astype(np.float32) / scale)[None]
 
     def clinical_text(self, row: Mapping[str, Any]) -> str:
@@ -401,7 +402,7 @@ class Predictor:
         return self._collect(None, list(texts), "text_emb")
 
     def zero_shot(self, paths: Sequence[str | Path]) -> Tensor:
-        """Chest X-ray files -> (N, 14) zero-shot probabilities, in shards.chexpert.LABEL_NAMES
+        """Chest X-ray files -> (N, 14) zero-shot probabilities, in shards.cxr_labels.LABEL_NAMES
         order."""
         return self._collect(list(paths), None, "zero_shot")
 

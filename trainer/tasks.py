@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from accelerate import Accelerator
 
-from shards.chexpert import LABEL_NAMES as CXR_LABEL_NAMES
+from shards.cxr_labels import LABEL_NAMES as CXR_LABEL_NAMES
 from shards.reader import (
     AD_FORMAT,
     CXR_FORMAT,

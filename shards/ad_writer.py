@@ -12,29 +12,33 @@ Sample format "medalign-ad-v1" (the shard reader depends on it):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import random
-import re
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import webdataset as wds
 from tqdm import tqdm
 
-from shards.ad_tables import LABELS, AdRecord, Reject, read_source
+from shards.ad_tables import LABELS, AdRecord, read_source
 from shards.clinical import clean_fields, render_text
+from shards.common import (
+    RecordError,
+    Reject,
+    ShardSink,
+    clear_old_shards,
+    parallel_map,
+    safe_key,
+    write_rejects,
+)
 from shards.splits import SPLITS, assign_splits, check_ratios, subject_strata
-from shards.volume import RecordError, load_volume
+from shards.volume import load_volume
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +46,6 @@ FORMAT = "medalign-ad-v1"
 PROGRESS_MIN = 50  # show a progress bar from this many volumes per split
 
 Source = Sequence[Any]  # (fmt, table, images_root) or (fmt, table, images_root, cohort)
-
-
-def safe_key(text: str) -> str:
-    """A shard key: characters outside [A-Za-z0-9_-] become "_" (webdataset splits a member
-    name into key and extension at the first dot, and a slash would make a folder)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
 def sample_key(cohort: str, subject: str, image_id: str) -> str:
@@ -71,76 +69,6 @@ def _preprocess(job: tuple[str, int]) -> tuple[str, bytes | None, str, str]:
     except Exception as exc:  # a single odd file must not end a run over thousands
         return path, None, "preprocess_error", f"{type(exc).__name__}: {exc}"
     return path, _npy_bytes(cube.astype(np.float16)), "", ""
-
-
-def _init_worker() -> None:
-    # Each process already has a core; intra-op threads would only oversubscribe.
-    torch.set_num_threads(1)
-
-
-def parallel_map(
-    fn: Callable[[Any], Any],
-    jobs: list[Any],
-    workers: int,
-    initializer: Callable[[], None] | None = _init_worker,
-) -> Iterator[Any]:
-    """``map(fn, jobs)`` in input order, over ``workers`` spawned processes when > 1.
-
-    ``fn`` must be a module-level function (it is pickled by name for the workers).
-    """
-    if workers <= 1:
-        yield from map(fn, jobs)
-        return
-    # spawn: forking a parent that already ran OpenMP (torch) can hang the children.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=initializer) as pool:
-        yield from pool.imap(fn, jobs, chunksize=1)
-
-
-class ShardSink:
-    """Writes numbered tar shards <split>-NNNNNN.tar of at most ``per_shard`` samples each.
-
-    ``close`` returns one entry per shard: name, num_samples, bytes, sha256.
-    """
-
-    def __init__(self, folder: Path, split: str, per_shard: int) -> None:
-        self.folder, self.split, self.per_shard = folder, split, per_shard
-        self.shards: list[dict[str, Any]] = []
-        self._writer: wds.TarWriter | None = None
-        self._path: Path | None = None
-        self._count = 0
-
-    def write(self, sample: dict[str, Any]) -> None:
-        if self._writer is None or self._count >= self.per_shard:
-            self._finish()
-            self._path = self.folder / f"{self.split}-{len(self.shards):06d}.tar"
-            # Fixed mtime: the same inputs and seed give byte-identical shards.
-            self._writer = wds.TarWriter(str(self._path), mtime=0.0, encoder=False)
-            self._count = 0
-        self._writer.write(sample)
-        self._count += 1
-
-    def _finish(self) -> None:
-        if self._writer is None or self._path is None:
-            return
-        self._writer.close()
-        digest = hashlib.sha256()
-        with open(self._path, "rb") as fh:  # in chunks: a 128^3 shard is about 1 GB
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        self.shards.append(
-            {
-                "name": self._path.name,
-                "num_samples": self._count,
-                "bytes": self._path.stat().st_size,
-                "sha256": digest.hexdigest(),
-            }
-        )
-        self._writer = None
-
-    def close(self) -> list[dict[str, Any]]:
-        self._finish()
-        return self.shards
 
 
 def _collect(
@@ -179,16 +107,6 @@ def _collect(
     return kept, rejects, records_in, stats
 
 
-def write_rejects(path: Path, rejects: Iterable[Reject]) -> None:
-    """One JSON object per line: source (file or table:line), reason code, detail."""
-    with open(path, "w") as fh:
-        for rej in rejects:
-            fh.write(
-                json.dumps({"source": rej.source, "reason": rej.reason, "detail": rej.detail})
-                + "\n"
-            )
-
-
 def _sample(rec: AdRecord, text: str, split: str, volume: bytes) -> dict[str, Any]:
     meta = {
         "subject": rec.subject,
@@ -208,15 +126,6 @@ def _sample(rec: AdRecord, text: str, split: str, volume: bytes) -> dict[str, An
         "txt": text.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
     }
-
-
-def clear_old_shards(folder: Path, split: str) -> None:
-    """Delete <split>-NNNNNN.tar files an earlier run left, so the manifest lists all there is."""
-    stale = sorted(folder.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
-    if stale:
-        log.warning("removing %d shards of an earlier run in %s", len(stale), folder)
-    for path in stale:
-        path.unlink()
 
 
 def _write_split(
@@ -429,3 +338,15 @@ def write_ad_shards(
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(summary_line(report))
     return report
+
+
+def read_sources_file(root: str | Path) -> list[Source]:
+    """The sources a synthetic cohort (shards.synthetic.ad) recorded in <root>/sources.json, as absolute paths."""
+    root = Path(root)
+    path = root / "sources.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: not found; expected a folder written by generate_ad_cohort"
+        )
+    record = json.loads(path.read_text())
+    return [(fmt, root / table, root / images) for fmt, table, images in record["sources"]]

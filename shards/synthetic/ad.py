@@ -1013,15 +1013,3 @@ def _generate(
         root,
     )
     return sources
-
-
-def read_sources_file(root: str | Path) -> list[Source]:
-    """The sources a generator run recorded in <root>/sources.json, as absolute paths."""
-    root = Path(root)
-    path = root / "sources.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: not found; expected a folder written by generate_ad_cohort"
-        )
-    record = json.loads(path.read_text())
-    return [(fmt, root / table, root / images) for fmt, table, images in record["sources"]]

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from shards.chexpert import LABEL_NAMES
+from shards.cxr_labels import LABEL_NAMES
 from shards.mimic_cxr import image_file, report_file
 from shards.splits import assign_splits
 
@@ -973,15 +973,3 @@ def generate_mimic_cxr(
         out,
     )
     return paths
-
-
-def read_sources_file(root: str | Path) -> tuple[Path, Path]:
-    """(images root, reports root) that a generator run recorded in <root>/cxr_sources.json."""
-    root = Path(root)
-    path = root / "cxr_sources.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: not found; expected a folder written by generate_mimic_cxr"
-        )
-    record = json.loads(path.read_text())
-    return root / record["root"], root / record["reports_root"]
