@@ -75,11 +75,11 @@ import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from shards.common import ShardSink  # noqa: E402
+from shards.common import ShardSink, write_manifest  # noqa: E402
 from shards.cxr_labels import LABEL_NAMES  # noqa: E402
+from shards.formats.image_multilabel import ImageMultilabel  # noqa: E402
+from shards.formats.volume_class import VolumeClass  # noqa: E402
 from shards.reader import (  # noqa: E402
-    AD_FORMAT,
-    CXR_FORMAT,
     DataConfig,
     ShardSet,
     _Batcher,
@@ -200,12 +200,6 @@ def write_files(folder: Path, sample: dict[str, Any], images: dict[str, bytes]) 
     (folder / f"{key}.json").write_bytes(sample["json"])
 
 
-def write_manifest(folder: Path, fmt: str, shards: list[dict[str, Any]], extra: dict) -> None:
-    total = sum(s["num_samples"] for s in shards)
-    manifest = {"split": SPLIT, "format": fmt, "num_samples": total, "shards": shards, **extra}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
-
 def build_xrays(root: Path, n: int, size: int, bits: int, per_shard: int, seed: int) -> None:
     shards, files = root / "shards", root / "files"
     shards.mkdir(parents=True), files.mkdir(parents=True)
@@ -218,7 +212,7 @@ def build_xrays(root: Path, n: int, size: int, bits: int, per_shard: int, seed: 
         sink.write(sample)
         write_files(files, sample, {"png": png})
     extra = {"image_size": size, "bit_depth": bits, "label_names": list(LABEL_NAMES)}
-    write_manifest(shards, CXR_FORMAT, sink.close(), extra)
+    write_manifest(shards, ImageMultilabel.name, SPLIT, sink.close(), extra)
 
 
 def build_volumes(root: Path, n: int, size: int, noise: float, per_shard: int, seed: int) -> None:
@@ -234,7 +228,7 @@ def build_volumes(root: Path, n: int, size: int, noise: float, per_shard: int, s
         sink.write(sample)
         write_files(files, sample, {"npy": npy})
         nib.save(nifti_image(cube), files / f"{sample['__key__']}.nii.gz")
-    write_manifest(shards, AD_FORMAT, sink.close(), {"volume_size": size})
+    write_manifest(shards, VolumeClass.name, SPLIT, sink.close(), {"volume_size": size})
 
 
 def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:

@@ -1,9 +1,6 @@
 """AD records -> WebDataset tar shards per split, with manifests, a reject log and a report.
 
-The pieces every shard writer shares live here too (ShardSink, parallel_map, safe_key,
-clear_old_shards, write_rejects); shards/mimic_cxr.py writes the chest X-ray shards with them.
-
-Sample format "medalign-ad-v1" (the shard reader depends on it):
+Shard format medalign-ad-v1 (shards/formats/volume_class.py), label names NC / MCI / AD:
   __key__   <cohort>_<subject>_<image_id>, characters outside [A-Za-z0-9_-] replaced by "_"
   vol.npy   float16 (S, S, S) RAS volume in [0, 1]
   txt       clinical text (utf-8)
@@ -26,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from shards.ad_tables import LABELS, AdRecord, read_source
+from shards.ad_tables import DIAGNOSES, LABELS, AdRecord, read_source
 from shards.clinical import clean_fields, render_text
 from shards.common import (
     RecordError,
@@ -35,14 +32,16 @@ from shards.common import (
     clear_old_shards,
     parallel_map,
     safe_key,
+    write_manifest,
     write_rejects,
 )
+from shards.formats.volume_class import VolumeClass
 from shards.splits import SPLITS, assign_splits, check_ratios, subject_strata
 from shards.volume import load_volume
 
 log = logging.getLogger(__name__)
 
-FORMAT = "medalign-ad-v1"
+FORMAT = VolumeClass.name
 PROGRESS_MIN = 50  # show a progress bar from this many volumes per split
 
 Source = Sequence[Any]  # (fmt, table, images_root) or (fmt, table, images_root, cohort)
@@ -120,12 +119,7 @@ def _sample(rec: AdRecord, text: str, split: str, volume: bytes) -> dict[str, An
         "source_path": str(rec.image_path),
         "fields": clean_fields(rec.fields),
     }
-    return {
-        "__key__": sample_key(rec.cohort, rec.subject, rec.image_id),
-        "vol.npy": volume,
-        "txt": text.encode("utf-8"),
-        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-    }
+    return VolumeClass.encode(sample_key(rec.cohort, rec.subject, rec.image_id), volume, text, meta)
 
 
 def _write_split(
@@ -162,15 +156,9 @@ def _write_split(
         sink.write(_sample(rec, text, split, volume))
         written += 1
     bar.close()
-    manifest = {
-        "split": split,
-        "num_samples": written,
-        "shards": sink.close(),
-        "volume_size": size,
-        "format": FORMAT,
-        **extra,
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    extra = {"volume_size": size, "label_names": list(DIAGNOSES), **extra}
+    manifest = write_manifest(folder, FORMAT, split, sink.close(), extra)
+    assert manifest["num_samples"] == written
     return manifest
 
 

@@ -1,4 +1,5 @@
-"""The 14 CheXpert labels of MIMIC-CXR: raw cell values in the shards, uncertainty policy at load.
+"""The 14 CheXpert labels (MIMIC-CXR, CheXpert): raw cell values in the shards, uncertainty
+policy at load.
 
 Shards store what the labeler wrote (1.0 positive, 0.0 negative, -1.0 uncertain, None for
 "not mentioned"); the policy is applied when a sample is loaded, so one set of shards serves
@@ -61,7 +62,7 @@ def parse_label_cell(text: str) -> float | None:
 def apply_uncertainty(
     raw: np.ndarray, policy: UncertainPolicy = "ones", blank: BlankPolicy = "negative"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw labels (14,) float32 with NaN for blank -> (targets (14,), mask (14,)), both float32.
+    """Raw labels (K,) float32 with NaN for blank -> (targets (K,), mask (K,)), both float32.
 
     ``policy``: what an uncertain (-1) label becomes: "ignore" -> mask 0 (target 0),
     "zeros" -> target 0, "ones" -> target 1. ``blank``: a NaN (not mentioned) label becomes
@@ -73,8 +74,8 @@ def apply_uncertainty(
     if blank not in BLANK_POLICIES:
         raise ValueError(f"blank policy {blank!r}: expected one of {BLANK_POLICIES}")
     raw = np.asarray(raw, dtype=np.float32)
-    if raw.shape != (NUM_LABELS,):
-        raise ValueError(f"expected raw labels of shape ({NUM_LABELS},), got {raw.shape}")
+    if raw.ndim != 1:
+        raise ValueError(f"expected raw labels of shape (K,), got {raw.shape}")
     is_blank = np.isnan(raw)
     known = np.where(is_blank, 0.0, raw)
     bad = ~is_blank & ~np.isin(known, (-1.0, 0.0, 1.0))
@@ -82,7 +83,7 @@ def apply_uncertainty(
         raise ValueError(f"raw labels must be 1, 0, -1 or NaN, got {raw[bad].tolist()}")
     uncertain = known == -1.0
     targets = np.where(uncertain, 1.0 if policy == "ones" else 0.0, known).astype(np.float32)
-    mask = np.ones(NUM_LABELS, dtype=np.float32)
+    mask = np.ones(raw.shape[0], dtype=np.float32)
     if policy == "ignore":
         mask[uncertain] = 0.0
     if blank == "masked":
@@ -90,10 +91,13 @@ def apply_uncertainty(
     return targets, mask
 
 
-def labels_to_array(labels: list[float | None] | tuple[float | None, ...]) -> np.ndarray:
-    """The shard's json "labels" list (null for blank) -> float32 (14,) with NaN for blank."""
-    if len(labels) != NUM_LABELS:
-        raise ValueError(f"expected {NUM_LABELS} labels, got {len(labels)}")
+def labels_to_array(
+    labels: list[float | None] | tuple[float | None, ...], count: int | None = None
+) -> np.ndarray:
+    """The shard's json "labels" list (null for blank) -> float32 (K,) with NaN for blank;
+    `count`, when given, is the K it must have."""
+    if count is not None and len(labels) != count:
+        raise ValueError(f"expected {count} labels, got {len(labels)}")
     return np.array([np.nan if v is None else v for v in labels], dtype=np.float32)
 
 

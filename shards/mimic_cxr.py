@@ -10,7 +10,7 @@ Every metadata row, and every image on disk that no metadata row names, is one r
 it is written, rejected (with its file or table line and a reason), or filtered out by view.
   records_in == written + rejected + filtered
 
-Sample format "medalign-cxr-v1" (the shard reader depends on it):
+Shard format medalign-cxr-v1 (shards/formats/image_multilabel.py), the 14 CheXpert labels:
   __key__   p<subject>_s<study>_<dicom_id>, characters outside [A-Za-z0-9_-] replaced by "_"
   img.png   grayscale S x S PNG: 8-bit (mode L) from JPEG, 16-bit (mode I;16) from DICOM
   txt       report text (findings + impression, or the fallback that json.report_source names)
@@ -45,16 +45,18 @@ from shards.common import (
     parallel_map,
     read_table,
     safe_key,
+    write_manifest,
     write_rejects,
 )
 from shards.cxr_labels import LABEL_NAMES, parse_label_cell
 from shards.cxr_reports import read_report
+from shards.formats.image_multilabel import ImageMultilabel
 from shards.splits import SPLITS
 from shards.xray_images import DICOM_SUFFIX, png_job
 
 log = logging.getLogger(__name__)
 
-FORMAT = "medalign-cxr-v1"
+FORMAT = ImageMultilabel.name
 LABELERS = ("chexpert", "negbio")
 TABLES = ("chexpert", "negbio", "metadata", "split")
 SPLIT_FOLDERS = {"train": "train", "validate": "val", "test": "test"}
@@ -351,12 +353,7 @@ def _sample(rec: CxrRecord, png: bytes) -> dict[str, Any]:
         "labeler": rec.labeler,
         "source_path": str(rec.image_path),
     }
-    return {
-        "__key__": rec.key,
-        "img.png": png,
-        "txt": rec.text.encode("utf-8"),
-        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-    }
+    return ImageMultilabel.encode(rec.key, png, rec.text, meta)
 
 
 def _split_order(records: list[CxrRecord], split: str, seed: int) -> list[CxrRecord]:
@@ -400,14 +397,8 @@ def _write_split(
         sources[rec.report_source] += 1
         written += 1
     bar.close()
-    manifest = {
-        "split": split,
-        "format": FORMAT,
-        "num_samples": written,
-        "shards": sink.close(),
-        **manifest_extra,
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = write_manifest(folder, FORMAT, split, sink.close(), manifest_extra)
+    assert manifest["num_samples"] == written
     return manifest, sources
 
 

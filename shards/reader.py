@@ -15,27 +15,19 @@ Evaluation stream: every rank reads the split in a fixed order and keeps the sam
 index modulo world size is its rank, then pads with `valid=False` copies so that all ranks
 run the same number of batches (ZeRO-3 needs every rank in every forward).
 
-Two shard formats go through this one pipeline; the manifest's "format" picks how a sample is
-decoded and collated (a manifest without "format" is read as medalign-ad-v1). Sampling, rank
-and worker split, resume skipping, resampling and eval padding work on raw tar samples and are
-the same for both. The batch keys are fixed per format:
+Every shard format goes through this one pipeline; the manifest's "format" names it (a
+manifest without one is read as medalign-ad-v1) and the reader looks it up in shards/formats/,
+which decodes a sample and adds the format's own batch keys. Sampling, rank and worker split,
+resume skipping, resampling and eval padding work on raw tar samples and are the same for all.
+Every batch holds:
 
-  medalign-ad-v1 (Alzheimer's volumes, shards/ad_writer.py):
-    image (B, 1, S, S, S) float16 as stored (the trainer casts it on the device; a volume
-    stored in another dtype is read as float32), input_ids (B, L) long, attention_mask (B, L) long,
-    label (B,) long (data.label_mode: three_class NC/MCI/AD or binary), binary (B,) bool (the
-    sample's cohort is published as NC vs impaired only: OASIS-2, MIRIAD), valid (B,) bool,
-    key / subject / cohort / split / text (lists of str), worker, skipped
-    The text is the stored one, or (data.clinical) rendered again from the stored clinical
-    fields without some field groups or with another summary word limit.
+  image (B, 1, S, S, S) or (B, 1, S, S), input_ids (B, L) long, attention_mask (B, L) long,
+  text_tokens (B,) long, valid (B,) bool, key / text (lists of str), worker, skipped, read,
+  pool_pos, retries
 
-  medalign-cxr-v1 (chest X-rays, shards/mimic_cxr.py):
-    image (B, 1, S, S) float32 in [0, 1] (8- or 16-bit PNG), input_ids (B, L) long,
-    attention_mask (B, L) long, labels (B, 14) float32 targets and label_mask (B, 14) float32
-    (the 14 CheXpert labels in shards.cxr_labels.LABEL_NAMES order, after data.labels: the
-    uncertain / blank policy; a loss multiplies its per-label terms by the mask), valid (B,)
-    bool, key / split / text (lists of str), group (list of str: the study id; images of one study
-    share one report, so retrieval counts any image of the group as a match), worker, skipped
+and the format's keys (shards/formats/volume_class.py: label, binary, subject, cohort, split;
+shards/formats/image_multilabel.py: labels, label_mask, split, group). The label names come
+from the split's manifest (ShardSet.label_names).
 
 Texts are right-padded to the batch's longest text, rounded up to a multiple of 8 (at most
 the tower's max length; `data.pad_to: max_length` pads every batch to it), so L varies from
@@ -59,7 +51,6 @@ import functools
 import io
 import json
 import logging
-import math
 import mmap
 import os
 import random
@@ -69,7 +60,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,53 +68,20 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from shards.clinical import check_groups, render_text
-from shards.cxr_labels import LABEL_NAMES as CXR_LABEL_NAMES
-from shards.cxr_labels import NUM_LABELS as CXR_NUM_LABELS
-from shards.cxr_labels import LabelPolicyConfig, labels_to_array
+from shards.cxr_labels import LabelPolicyConfig
+from shards.formats import DEFAULT_FORMAT, ShardFormat, get_format
+from shards.formats.volume_class import ClinicalTextConfig
 from shards.remote import CountingReader, is_remote, open_stream
 from shards.remote import basename as remote_basename
 from shards.remote import join as remote_join
 from shards.remote import read_bytes as remote_read_bytes
 from shards.splits import label_fraction_indices
-from shards.xray_images import decode_png
 
 log = logging.getLogger(__name__)
 
 # A rank / worker whose shards hold none of a label-fraction run's samples for this many
 # epochs in a row would otherwise spin forever.
 _MAX_EMPTY_EPOCHS = 200
-
-LABEL_NAMES = {"three_class": ["NC", "MCI", "AD"], "binary": ["NC", "impaired"]}
-
-AD_FORMAT = "medalign-ad-v1"
-CXR_FORMAT = "medalign-cxr-v1"
-# format -> the manifest key holding the image side length
-SIZE_KEYS = {AD_FORMAT: "volume_size", CXR_FORMAT: "image_size"}
-FORMATS = tuple(SIZE_KEYS)
-
-
-@dataclass
-class ClinicalTextConfig:
-    """medalign-ad-v1 only: the clinical text rendered again at load time from the fields the
-    shards store (shards/clinical.py), so an ablation needs no new shards."""
-
-    # Field groups left out of the text: any of demographics, lab_results, summary,
-    # imaging_measures, other (shards.clinical.FIELD_GROUPS). A sample left with no field keeps
-    # an empty text, so every ablation scores the same samples.
-    drop: list[str] = field(default_factory=list)
-    summary_words: int = (
-        0  # narrative summary cut to this many words; 0: as the shards were written
-    )
-
-    def __post_init__(self) -> None:
-        check_groups(self.drop, "drop")
-        if self.summary_words < 0:
-            raise ValueError(f"summary_words={self.summary_words}: expected >= 0 (0: as written)")
-
-    @property
-    def active(self) -> bool:
-        return bool(self.drop) or self.summary_words > 0
 
 
 @dataclass
@@ -142,9 +99,12 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 256
     resampled: bool = False  # draw shards with replacement per rank instead of splitting them
-    label_mode: Literal["three_class", "binary"] = "three_class"  # medalign-ad-v1 only
+    # Keys read by one shard format only (shards/formats/):
+    # medalign-ad-v1: the classes (three_class: the manifest's label names; binary: the first
+    # against the rest) and the clinical text rendered again from stored fields
+    label_mode: Literal["three_class", "binary"] = "three_class"
     clinical: ClinicalTextConfig = field(default_factory=ClinicalTextConfig)
-    # medalign-cxr-v1 only: what uncertain (-1) and blank (not mentioned) labels become
+    # medalign-cxr-v1: what uncertain (-1) and blank (not mentioned) labels become
     labels: LabelPolicyConfig = field(default_factory=LabelPolicyConfig)
     # Label-fraction runs: train on this fraction of the training split's samples (e.g. 0.01,
     # 0.1, 1.0), one seeded draw by sample key; a smaller fraction's subset lies inside every
@@ -233,16 +193,27 @@ class ShardSet:
     folder: Path | str  # a local folder, or a URL / pipe: command (shards/remote.py)
     shards: list[tuple[str, int]]  # (tar path, samples)
     num_samples: int
-    size: int | None  # side length S of every image (volume_size / image_size), if recorded
-    format: str = AD_FORMAT
+    size: int | None  # side length S of every image (the format's size key), if recorded
+    format: str = DEFAULT_FORMAT
     name: str = ""  # the split's name (the manifest's "split", else the folder's name)
     word_limit: int = 64  # words the writer kept of a narrative summary (64 before it was recorded)
     digests: dict[str, tuple[int, str]] = field(default_factory=dict)
+    label_names: list[str] = field(default_factory=list)  # [] = the format's default names
+    texts: bool = True  # False: a dataset without texts (CheXpert); samples' text is ""
+
+    def __post_init__(self) -> None:
+        if not self.label_names:
+            self.label_names = list(self.spec.default_label_names)
+
+    @property
+    def spec(self) -> ShardFormat:
+        """The split's shard format (shards/formats/)."""
+        return get_format(self.format, str(self.folder))
 
     @property
     def volume_size(self) -> int | None:
-        """The manifest's volume_size (medalign-ad-v1); None for other formats."""
-        return self.size if self.format == AD_FORMAT else None
+        """The manifest's volume_size (3-D formats); None for 2-D ones."""
+        return self.size if self.spec.image_dims == 3 else None
 
     @classmethod
     def load(cls, folder: str) -> ShardSet:
@@ -255,18 +226,9 @@ class ShardSet:
                 "scripts/make_cxr_shards.py)"
             )
         manifest = json.loads(manifest_bytes(folder))
-        fmt = manifest.get("format", AD_FORMAT)  # manifests before "format" are all AD
-        if fmt not in SIZE_KEYS:
-            raise ValueError(
-                f"{path}: unknown shard format {fmt!r}; this reader knows {', '.join(FORMATS)}"
-            )
-        if fmt == CXR_FORMAT:
-            names = manifest.get("label_names")
-            if names is not None and list(names) != list(CXR_LABEL_NAMES):
-                raise ValueError(
-                    f"{path}: label_names {names} differ from the {CXR_NUM_LABELS} CheXpert "
-                    f"labels this reader expects ({list(CXR_LABEL_NAMES)})"
-                )
+        fmt = manifest.get("format", DEFAULT_FORMAT)  # manifests before "format" are all AD
+        spec = get_format(fmt, str(path))
+        label_names = spec.label_names(manifest, str(path))
         where = (
             (lambda name: remote_join(folder, name))
             if remote
@@ -278,7 +240,7 @@ class ShardSet:
             raise FileNotFoundError(f"{path} lists shards that do not exist: {missing[:3]}")
         if not shards:
             raise ValueError(f"{path}: the split has no shards")
-        size = manifest.get(SIZE_KEYS[fmt])
+        size = manifest.get(spec.size_key)
         return cls(
             folder if remote else Path(folder),
             shards,
@@ -292,6 +254,8 @@ class ShardSet:
                 for s in manifest["shards"]
                 if "sha256" in s and "bytes" in s
             },
+            label_names,
+            bool(manifest.get("texts", True)),
         )
 
     @property
@@ -365,170 +329,6 @@ class SkipCounter:
         return self.base + sum(self.counts.values())
 
 
-# The largest header of a version 1.0 .npy file (magic, version, 2-byte length, 65535 bytes).
-_NPY_HEADER_MAX = 10 + 65535
-_CHUNK = 1 << 18  # elements per finiteness test: temporaries stay small and cache-resident
-
-
-def npy_array(data: bytes | memoryview, where: str) -> np.ndarray:
-    """An .npy member as an array over ``data`` itself (no copy: read-only when ``data`` is).
-
-    np.load would copy the bytes twice through 256 KB blocks; here the batch's stack is the
-    only copy of a volume. Raises ValueError naming ``where`` for anything but a complete,
-    numeric .npy.
-    """
-    head = io.BytesIO(bytes(data[:_NPY_HEADER_MAX]))
-    try:
-        version = np.lib.format.read_magic(head)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran_order, dtype = read_header(head)
-    except ValueError as exn:
-        raise ValueError(f"{where} is not a readable .npy file ({exn})") from exn
-    if dtype.hasobject:
-        raise ValueError(f"{where} holds Python objects (dtype {dtype}); expected numbers")
-    count = math.prod(shape)
-    if head.tell() + count * dtype.itemsize != len(data):
-        raise ValueError(
-            f"{where} has {len(data) - head.tell()} data bytes; shape {shape} of {dtype} "
-            f"needs {count * dtype.itemsize}"
-        )
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
-    return flat.reshape(shape, order="F" if fortran_order else "C")
-
-
-def _all_finite(volume: np.ndarray) -> bool:
-    flat = volume.reshape(-1, order="A")  # a view for C- or Fortran-ordered arrays
-    if flat.dtype != np.float16:
-        return bool(np.isfinite(flat).all())
-    bits = flat.view(np.uint16)  # inf / nan: all exponent bits set; 10x np.isfinite's speed
-    return not any(
-        ((bits[i : i + _CHUNK] & 0x7C00) == 0x7C00).any() for i in range(0, bits.size, _CHUNK)
-    )
-
-
-def clinical_text(meta: dict[str, Any], clinical: ClinicalTextConfig, word_limit: int) -> str:
-    """The sample's text rendered again from its stored fields (``meta["fields"]``), without
-    the field groups in ``clinical.drop`` and with the summary cut to ``clinical.summary_words``
-    (or the writer's ``word_limit``); the same renderer as the writer's, so with nothing
-    dropped it reproduces the stored text."""
-    fields = meta.get("fields")
-    if not isinstance(fields, dict):
-        raise ValueError("has no 'fields' object in its json; data.clinical needs them")
-    words = clinical.summary_words or word_limit
-    return render_text(fields, word_limit=words, drop=clinical.drop, allow_empty=True)
-
-
-def decode_sample(
-    raw: dict[str, Any],
-    label_mode: str,
-    clinical: ClinicalTextConfig | None = None,
-    word_limit: int = 64,
-) -> dict[str, Any]:
-    """Decodes one tar sample of format medalign-ad-v1; raises ValueError naming what is wrong.
-
-    With an active ``clinical`` config the text is rendered again from the stored fields
-    (``word_limit``: the writer's summary limit, from the manifest)."""
-    key = raw.get("__key__", "?")
-    url = raw.get("__url__", "?")
-    for member in ("vol.npy", "txt", "json"):
-        if member not in raw:
-            raise ValueError(f"{url}: sample {key} has no '{member}' member")
-    volume = npy_array(raw["vol.npy"], f"{url}: sample {key} vol.npy")
-    if volume.ndim != 3:
-        raise ValueError(f"{url}: sample {key} volume has shape {volume.shape}, expected 3-D")
-    if not _all_finite(volume):
-        raise ValueError(f"{url}: sample {key} volume has non-finite voxels")
-    # float16 volumes stay float16 up to the device (half the bytes to stack, to pass between
-    # loader processes and to copy); trainer.loop.Mover casts them there.
-    if volume.dtype != np.float16:
-        volume = volume.astype(np.float32)
-    text = raw["txt"].decode("utf-8").strip()
-    if not text:
-        raise ValueError(f"{url}: sample {key} has empty text")
-    meta = json.loads(raw["json"])
-    if clinical is not None and clinical.active:
-        try:
-            text = clinical_text(meta, clinical, word_limit)
-        except ValueError as exn:
-            raise ValueError(f"{url}: sample {key} {exn}") from exn
-    label = int(meta["label"])
-    if label not in (0, 1, 2):
-        raise ValueError(f"{url}: sample {key} label={label}, expected 0, 1 or 2")
-    if label_mode == "binary":
-        label = int(label > 0)
-    return {
-        "image": volume[None],  # (1, S, S, S) float16 as stored (float32 for other dtypes)
-        "text": text,
-        "label": label,
-        "key": key,
-        "subject": str(meta.get("subject", "")),
-        "cohort": meta.get("cohort", ""),
-        "split": meta.get("split", ""),
-        "binary": bool(meta.get("binary", False)),
-    }
-
-
-_RAW_LABELS = (1.0, 0.0, -1.0)
-
-
-def decode_cxr_sample(
-    raw: dict[str, Any], policy: LabelPolicyConfig, size: int | None = None
-) -> dict[str, Any]:
-    """Decodes one tar sample of format medalign-cxr-v1; raises ValueError naming what is wrong.
-
-    ``policy`` turns the 14 raw labels into (targets, mask); ``size``, when known from the
-    manifest, is the side length every image must have (so one odd image cannot break a batch).
-    """
-    key = raw.get("__key__", "?")
-    url = raw.get("__url__", "?")
-    for name in ("img.png", "txt", "json"):
-        if name not in raw:
-            raise ValueError(f"{url}: sample {key} has no '{name}' member")
-    try:
-        image = decode_png(raw["img.png"])
-    except Exception as exc:
-        raise ValueError(f"{url}: sample {key} img.png cannot be decoded ({exc})") from exc
-    if image.ndim != 2:
-        raise ValueError(f"{url}: sample {key} image has shape {image.shape}, expected 2-D gray")
-    if size is not None and image.shape != (size, size):
-        raise ValueError(
-            f"{url}: sample {key} image has shape {image.shape}, the manifest says {size}x{size}"
-        )
-    text = raw["txt"].decode("utf-8").strip()
-    if not text:
-        raise ValueError(f"{url}: sample {key} has empty text")
-    meta = json.loads(raw["json"])
-    values = meta.get("labels")
-    if not isinstance(values, list) or len(values) != CXR_NUM_LABELS:
-        count = len(values) if isinstance(values, list) else type(values).__name__
-        raise ValueError(f"{url}: sample {key} has {count} labels, expected {CXR_NUM_LABELS}")
-    bad = [
-        v
-        for v in values
-        if v is not None
-        and (isinstance(v, bool) or not isinstance(v, (int, float)) or v not in _RAW_LABELS)
-    ]
-    if bad:
-        raise ValueError(f"{url}: sample {key} labels {bad}: expected 1.0, 0.0, -1.0 or null")
-    study = str(meta.get("study", "")).strip()
-    if not study:
-        raise ValueError(f"{url}: sample {key} has no study id")
-    targets, mask = policy.apply(labels_to_array(values))
-    return {
-        "image": np.ascontiguousarray(image, dtype=np.float32)[None],  # (1, S, S)
-        "text": text,
-        "labels": torch.from_numpy(targets),
-        "label_mask": torch.from_numpy(mask),
-        "key": key,
-        "split": meta.get("split", ""),
-        "group": study,
-    }
-
-
 class _Prompted:
     """A decoder whose samples' text is put inside `DataConfig.prompt_template` (picklable)."""
 
@@ -543,15 +343,7 @@ class _Prompted:
 
 def sample_decoder(shards: ShardSet, cfg: DataConfig) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """raw tar sample -> decoded sample, for the split's format (picklable for loader workers)."""
-    if shards.format == CXR_FORMAT:
-        decode = partial(decode_cxr_sample, policy=cfg.labels, size=shards.size)
-    else:
-        decode = partial(
-            decode_sample,
-            label_mode=cfg.label_mode,
-            clinical=cfg.clinical,
-            word_limit=shards.word_limit,
-        )
+    decode = shards.spec.decoder(shards, cfg)
     return _Prompted(decode, cfg) if cfg.prompt_template else decode
 
 
@@ -613,12 +405,11 @@ class _Batcher:
         self,
         tokenizer: Any,
         max_length: int,
-        fmt: str = AD_FORMAT,
+        fmt: str = DEFAULT_FORMAT,
         pad_to: str = "max_length",
         text_cache: Any = None,
     ) -> None:
-        if fmt not in SIZE_KEYS:
-            raise ValueError(f"unknown shard format {fmt!r}: expected one of {FORMATS}")
+        self.spec = get_format(fmt)
         side = getattr(tokenizer, "padding_side", "right")
         if tokenizer is not None and side != "right":
             raise ValueError(
@@ -666,22 +457,10 @@ class _Batcher:
                 ids, mask = trim_padding(*tokens, self.max_length, self.pad_to)
             out["input_ids"], out["attention_mask"] = ids, mask
             out["text_tokens"] = mask.sum(1)
-        if self.format == CXR_FORMAT:
-            out["labels"] = torch.stack([s["labels"] for s in samples])
-            out["label_mask"] = torch.stack([s["label_mask"] for s in samples])
-        else:
-            out["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        out.update(self.spec.collate(samples))  # the format's labels and ids
         out["valid"] = torch.tensor(valid, dtype=torch.bool)
         out["key"] = [s["key"] for s in samples]
         out["text"] = [s["text"] for s in samples]  # as tokenized (figures, predictions)
-        if self.format == CXR_FORMAT:
-            out["split"] = [s["split"] for s in samples]
-            out["group"] = [s["group"] for s in samples]
-        else:
-            out["binary"] = torch.tensor([s["binary"] for s in samples], dtype=torch.bool)
-            out["subject"] = [s["subject"] for s in samples]
-            out["cohort"] = [s["cohort"] for s in samples]
-            out["split"] = [s["split"] for s in samples]
         return out
 
 

@@ -13,14 +13,13 @@ from sklearn.metrics import roc_auc_score
 
 from shards.ad_writer import write_ad_shards
 from shards.clinical import FIELD_GROUPS, GROUP_NAMES, _sentence, field_group, render_text
+from shards.formats.volume_class import ClinicalTextConfig, decode_sample
 from shards.reader import (
-    ClinicalTextConfig,
     DataConfig,
     EvalStream,
     ShardSet,
     SkipCounter,
     _read_tars,
-    decode_sample,
 )
 from shards.synthetic.ad import DEMOGRAPHICS, _make_subject, generate_ad_cohort
 from trainer.evaluate import binary_metrics, collapse_to_binary, score

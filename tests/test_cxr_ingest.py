@@ -135,7 +135,9 @@ def test_label_policy_config_defaults_and_bad_values() -> None:
     with pytest.raises(ValueError, match="1, 0, -1 or NaN"):
         apply_uncertainty(np.full(14, 2.0, dtype=np.float32))
     with pytest.raises(ValueError, match="shape"):
-        apply_uncertainty(np.zeros(13, dtype=np.float32))
+        apply_uncertainty(np.zeros((2, 14), dtype=np.float32))
+    targets, mask = apply_uncertainty(np.array([1.0, -1.0, np.nan], dtype=np.float32))
+    assert targets.tolist() == [1.0, 1.0, 0.0] and mask.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_labels_to_array_reads_the_json_list() -> None:
@@ -143,6 +145,8 @@ def test_labels_to_array_reads_the_json_list() -> None:
     arr = labels_to_array(values)
     assert arr.dtype == np.float32 and arr[0] == 1 and np.isnan(arr[1]) and arr[2] == -1
     assert int(np.isnan(arr).sum()) == 11
+    with pytest.raises(ValueError, match="expected 5 labels, got 14"):
+        labels_to_array(values, count=5)
 
 
 # --------------------------------------------------------------------------- reports

@@ -16,6 +16,7 @@ from shard_fixtures import CharTokenizer
 from torch.utils.data import DataLoader
 
 from shards.cxr_labels import LABEL_NAMES, LabelPolicyConfig, labels_to_array
+from shards.formats.image_multilabel import decode_cxr_sample
 from shards.mimic_cxr import FORMAT, write_cxr_shards
 from shards.reader import (
     DataConfig,
@@ -24,7 +25,6 @@ from shards.reader import (
     SkipCounter,
     TrainStream,
     _read_tars,
-    decode_cxr_sample,
 )
 from shards.synthetic.cxr import generate_mimic_cxr
 from shards.xray_images import encode_png

@@ -14,6 +14,7 @@ from shard_fixtures import CharTokenizer
 from torch.utils.data import DataLoader
 
 from shards import reader
+from shards.formats.volume_class import decode_sample, npy_array
 from shards.reader import (
     DataConfig,
     EvalStream,
@@ -21,8 +22,6 @@ from shards.reader import (
     SkipCounter,
     TrainStream,
     _read_tars,
-    decode_sample,
-    npy_array,
 )
 from trainer.loop import Mover
 

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from shards.reader import AD_FORMAT, CXR_FORMAT, ShardSet
+from shards.formats.image_multilabel import ImageMultilabel
+from shards.formats.volume_class import VolumeClass
+from shards.reader import ShardSet
 from trainer.config import load_config
 from trainer.tasks import TASKS, ClassifyTask, JointTask, MultilabelTask, PretrainTask, build_task
+
+AD_FORMAT, CXR_FORMAT = VolumeClass.name, ImageMultilabel.name
 
 
 def _shards(fmt: str) -> ShardSet:
@@ -29,6 +33,7 @@ def test_each_task_reads_its_formats_and_refuses_the_others(task, cls, reads) ->
     owner = build_task(cfg)
     assert isinstance(owner, cls) and TASKS[task] is cls
     for fmt in (AD_FORMAT, CXR_FORMAT):
+        owner = build_task(cfg)  # a run's splits share one format; one task per format here
         if fmt in reads:
             owner.check(_shards(fmt))
         else:
@@ -36,9 +41,38 @@ def test_each_task_reads_its_formats_and_refuses_the_others(task, cls, reads) ->
                 owner.check(_shards(fmt))
 
 
+def test_label_names_come_from_the_shards_and_must_agree_across_splits() -> None:
+    names = ["Effusion", "Nodule", "Mass"]
+    labelled = ShardSet(Path("/d/a"), [("/d/a/x.tar", 4)], 4, 128, CXR_FORMAT, label_names=names)
+    cfg = load_config(None, ["model.task=multilabel", "model.multilabel.num_labels=3"])
+    task = build_task(cfg)
+    task.check(labelled)
+    assert task.label_names == names and task.names_for("/nowhere") == names
+    other = ShardSet(Path("/d/b"), [("/d/b/x.tar", 4)], 4, 128, CXR_FORMAT, label_names=names[::-1])
+    with pytest.raises(ValueError, match="/d/b/manifest.json: label names .* differ from the first"):
+        task.check(other)
+    with pytest.raises(ValueError, match="num_labels=14, but /data/split/manifest.json has 3"):
+        build_task(load_config(None, ["model.task=multilabel"])).check(
+            ShardSet(Path("/data/split"), [("x.tar", 1)], 1, 128, CXR_FORMAT, label_names=names)
+        )
+    # classes of volume shards: the manifest's names, or binary: the first against the rest
+    grades = ["CDR0", "CDR0.5", "CDR1", "CDR2"]
+    vol = ShardSet(Path("/d/v"), [("/d/v/x.tar", 4)], 4, 128, AD_FORMAT, label_names=grades)
+    classify = build_task(load_config(None, ["model.task=classify", "model.num_classes=4"]))
+    classify.check(vol)
+    assert classify.label_names == grades
+    binary = ["model.task=classify", "model.num_classes=2", "data.label_mode=binary"]
+    task = build_task(load_config(None, binary))
+    task.check(vol)
+    assert task.label_names == ["CDR0", "other"]
+    task = build_task(load_config(None, binary))
+    task.check(_shards(AD_FORMAT))
+    assert task.label_names == ["NC", "impaired"]
+
+
 def test_classifier_classes_must_match_the_label_mode() -> None:
     cfg = load_config(None, ["model.task=classify", "model.num_classes=2"])
-    with pytest.raises(ValueError, match="model.num_classes=2: data.label_mode=three_class has 3"):
+    with pytest.raises(ValueError, match="model.num_classes=2: data.label_mode=three_class on /data/split has 3"):
         build_task(cfg).check(_shards(AD_FORMAT))
     cfg = load_config(
         None, ["model.task=classify", "model.num_classes=2", "data.label_mode=binary"]

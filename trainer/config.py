@@ -6,6 +6,7 @@ overrides on the command line come last. The resolved config is saved in the run
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -134,3 +135,24 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 __all__ = ["Config", "ConfigError", "TrainConfig", "load_config", "save_config"]
+
+
+LABELS_FILE = "labels.json"
+
+
+def write_label_names(out_dir: str | Path, names: list[str] | None) -> None:
+    """Records the run's label (or class) names, as its shards name them, in OUT/labels.json."""
+    if names:
+        text = json.dumps({"label_names": list(names)}, indent=2) + "\n"
+        (Path(out_dir) / LABELS_FILE).write_text(text)
+
+
+def run_label_names(run_dir: str | Path) -> list[str] | None:
+    """The label names a run (or export) folder recorded; None for runs that recorded none."""
+    path = Path(run_dir) / LABELS_FILE
+    if not path.is_file():
+        return None
+    names = json.loads(path.read_text()).get("label_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: label_names {names!r}: expected a list of names")
+    return names

@@ -37,7 +37,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from models.alifuse import build_model
 from models.llama_text import LlamaTower
-from trainer.config import Config, load_config
+from trainer.config import LABELS_FILE, Config, load_config
 from trainer.run_folder import (
     CONFIG_FILE,
     load_run_config,
@@ -116,8 +116,9 @@ def export_run(
     if merge_lora:
         merge_adapter(out, manifest["text_tower"], manifest["quantized_4bit"])
     shutil.copy(run / CONFIG_FILE, out / CONFIG_FILE)
-    if (run / "results.json").is_file():
-        shutil.copy(run / "results.json", out / "results.json")
+    for name in ("results.json", LABELS_FILE):
+        if (run / name).is_file():
+            shutil.copy(run / name, out / name)
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     manifest["files"] = [*written, MANIFEST, "README.md"]
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 
 from models.alifuse import AlifuseModel, build_model  # noqa: E402
-from shards.reader import LABEL_NAMES, DataConfig, build_eval_loader  # noqa: E402
+from shards.reader import DataConfig, ShardSet, build_eval_loader  # noqa: E402
 from trainer.checkpoint import load_init_weights  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.run_folder import load_run_config, load_run_weights  # noqa: E402
@@ -319,7 +319,8 @@ def visualize_run(
     model = build_model(cfg.model)
     load_run_weights(model, run_dir)
     model.eval()
-    names = LABEL_NAMES[cfg.data.label_mode]
+    shards = ShardSet.load(split)
+    names = shards.spec.class_names(shards.label_names, cfg.data.label_mode, split)
     data: DataConfig = cfg.data
     loader = build_eval_loader(split, data, model.tokenizer, cfg.model.text_max_length, 0, 1)
     record: dict[str, Any] = {"run": str(run_dir), "split": split}

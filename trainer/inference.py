@@ -48,11 +48,11 @@ from shards.ad_tables import GENERIC_META
 from shards.clinical import parse_cell, render_text
 from shards.common import RecordError
 from shards.cxr_labels import LABEL_NAMES as CXR_LABEL_NAMES
-from shards.reader import LABEL_NAMES as AD_LABEL_NAMES
+from shards.formats.volume_class import VolumeClass
 from shards.reader import ShardSet, build_eval_loader, tokenize_texts
 from shards.volume import NIFTI_SUFFIXES, is_volume_file, load_volume
 from shards.xray_images import load_square
-from trainer.config import Config
+from trainer.config import Config, run_label_names
 from trainer.distributed import resolve_mixed_precision
 from trainer.evaluate import isolated_rng
 from trainer.export import load_export
@@ -92,8 +92,10 @@ class Predictor:
         device: str | torch.device = "cpu",
         word_limit: int | None = None,
         batch_size: int | None = None,
+        label_names: Sequence[str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._label_names = list(label_names) if label_names else None
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = model_tokenizer(model)
@@ -120,6 +122,7 @@ class Predictor:
         cfg = load_run_config(run_dir, list(overrides))
         model = build_model(cfg.model, device)
         load_run_weights(model, run_dir)
+        kwargs.setdefault("label_names", run_label_names(run_dir))
         return cls(model, cfg, device, **kwargs)
 
     @classmethod
@@ -134,6 +137,7 @@ class Predictor:
         LoRA adapter merged into its base) instead of text_tower/ + text_adapter/."""
         cfg, model, manifest = load_export(export_dir, device, merged)
         kwargs.setdefault("word_limit", manifest["word_limit"])
+        kwargs.setdefault("label_names", run_label_names(export_dir))
         return cls(model, cfg, device, **kwargs)
 
     # ---- what the model reads and returns ----------------------------------------------
@@ -155,10 +159,14 @@ class Predictor:
 
     @property
     def label_names(self) -> list[str]:
-        """The columns of `predict`: the 14 CheXpert labels, or the run's classes."""
-        if self.task == "multilabel":
+        """The columns of `predict` and `zero_shot`: the labels or classes of the run's shards
+        (its labels.json), else the default names of the format the task reads."""
+        if self._label_names:
+            return list(self._label_names)
+        if self.task == "pretrain" or self.task == "multilabel":
             return list(CXR_LABEL_NAMES)[: self.cfg.model.multilabel.num_labels]
-        return list(AD_LABEL_NAMES[self.cfg.data.label_mode])
+        names = list(VolumeClass.default_label_names)
+        return VolumeClass().class_names(names, self.cfg.data.label_mode)
 
     def outputs(self) -> tuple[str, ...]:
         """What `run` can compute for this model."""
@@ -358,7 +366,7 @@ class Predictor:
         similarity to the positive and the negative prompt at the learned temperature."""
         self.check_inputs("zero_shot", inputs)
         if self._prompts is None:
-            pos, neg = default_prompts(list(CXR_LABEL_NAMES))
+            pos, neg = default_prompts(self.label_names)
             # padded to the max length, as trainer.embed_eval.zero_shot_metrics pads them
             prompts = self.tokenize(pos + neg, pad_to="max_length")
             tokens = {k: v.to(self.device) for k, v in prompts.items()}
@@ -402,8 +410,8 @@ class Predictor:
         return self._collect(None, list(texts), "text_emb")
 
     def zero_shot(self, paths: Sequence[str | Path]) -> Tensor:
-        """Chest X-ray files -> (N, 14) zero-shot probabilities, in shards.cxr_labels.LABEL_NAMES
-        order."""
+        """Chest X-ray files -> (N, K) zero-shot probabilities, in `label_names` order (the run's
+        labels, the 14 CheXpert labels for MIMIC-CXR)."""
         return self._collect(list(paths), None, "zero_shot")
 
     def predict(
@@ -587,7 +595,7 @@ def predict_to_folder(
                     row["logits"] = result["logits"][i].tolist()
                 if "zero_shot" in result:
                     zs = result["zero_shot"][i].tolist()
-                    row["zero_shot"] = dict(zip(CXR_LABEL_NAMES, zs, strict=True))
+                    row["zero_shot"] = dict(zip(names, zs, strict=True))
                 fh.write(json.dumps(row) + "\n")
             for name, parts in embeddings.items():
                 if name in result:

@@ -23,7 +23,7 @@ from models.alifuse import build_model
 from shards.integrity import check_shards
 from shards.reader import ShardSet, build_train_loader
 from trainer import checkpoint as ckpt
-from trainer.config import Config, save_config
+from trainer.config import Config, save_config, write_label_names
 from trainer.distributed import (
     all_ranks_ok,
     build_accelerator,
@@ -312,6 +312,7 @@ def run(
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out_dir / "config.yaml")
+            write_label_names(out_dir, task.label_names)
             (out_dir / "launch.json").write_text(json.dumps(describe(accelerator), indent=2))
         except OSError as err:
             raise ckpt.CheckpointError(ckpt.write_failure(out_dir, err)) from err

@@ -3,7 +3,8 @@
 The loop, the evaluate-only command and the report ask the task; none of them branches on the
 task itself:
 
-    task.check(shards)                 at start: the shards' format fits the task (a message if not)
+    task.check(shards)                 at start: the shards' format fits the task (a message if not);
+                                       the label names come from the first split checked
     task.losses(model, batch)          one micro-batch: the weighted `*_loss` terms, and extras
                                        to log (the learned temperature)
     task.evaluate(ctx, name, folder)   a split's scores (and, with plots, the files a person reads)
@@ -27,15 +28,9 @@ from typing import Any, ClassVar
 import torch
 from accelerate import Accelerator
 
-from shards.cxr_labels import LABEL_NAMES as CXR_LABEL_NAMES
-from shards.reader import (
-    AD_FORMAT,
-    CXR_FORMAT,
-    LABEL_NAMES,
-    SIZE_KEYS,
-    ShardSet,
-    build_eval_loader,
-)
+from shards.formats.image_multilabel import ImageMultilabel
+from shards.formats.volume_class import VolumeClass
+from shards.reader import ShardSet, build_eval_loader
 from trainer.config import Config
 from trainer.cxr_metrics import format_table
 from trainer.embed_eval import SplitEmbeddings, retrieval_metrics, zero_shot_metrics
@@ -95,9 +90,19 @@ class Task:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.label_names: list[str] | None = None  # the classes / labels, from the shards
+
+    def class_names(self, shards: ShardSet) -> list[str]:
+        """What the task predicts, named: the split's label names (ShardSet.label_names)."""
+        return list(shards.label_names)
+
+    def names_for(self, folder: str) -> list[str]:
+        """The label names checked at start, or (no check ran) those of the split at `folder`."""
+        return self.label_names or self.class_names(ShardSet.load(folder))
 
     def check(self, shards: ShardSet) -> None:
-        """Raises ValueError when the split's shards cannot feed this task."""
+        """Raises ValueError when the split's shards cannot feed this task (format, image size,
+        label names differing from the first split checked)."""
         if shards.format not in self.formats:
             raise ValueError(
                 f"{shards.folder}: model.task={self.name} reads {' or '.join(self.formats)} "
@@ -107,8 +112,16 @@ class Task:
         if shards.size is not None and shards.size != size and self._fixed_size:
             raise ValueError(
                 f"model.vision.img_size={size}, but {shards.folder}/manifest.json has "
-                f"{SIZE_KEYS[shards.format]}={shards.size}: set model.vision.img_size="
+                f"{shards.spec.size_key}={shards.size}: set model.vision.img_size="
                 f"{shards.size} or write shards of side {size}"
+            )
+        names = self.class_names(shards)
+        if self.label_names is None:
+            self.label_names = names
+        elif names != self.label_names:
+            raise ValueError(
+                f"{shards.folder}/manifest.json: label names {names} differ from the first "
+                f"split's {self.label_names}; every split of a run must have the same labels"
             )
 
     @property
@@ -173,7 +186,7 @@ class PretrainTask(Task):
     train.retrieval / train.zero_shot by image <-> text retrieval and zero-shot labels."""
 
     name = "pretrain"
-    formats = (AD_FORMAT, CXR_FORMAT)
+    formats = (VolumeClass.name, ImageMultilabel.name)
     batch_keys = ("image",)  # + input_ids, attention_mask with a text tower
 
     def metric_names(self) -> set[str]:
@@ -203,7 +216,7 @@ class PretrainTask(Task):
                 ctx.tokenizer,
                 cfg.model.text_max_length,
                 ctx.move,
-                list(CXR_LABEL_NAMES),
+                self.names_for(folder),
                 cfg.train.bootstrap if plots else 0,
                 cfg.data.prompted,
             )
@@ -239,16 +252,23 @@ class ClassifyTask(Task):
     MIRIAD: NC vs impaired) as binary, from P(MCI) + P(AD)."""
 
     name = "classify"
-    formats = (AD_FORMAT,)
+    formats = (VolumeClass.name,)
     batch_keys = ("image", "label")
+
+    def class_names(self, shards: ShardSet) -> list[str]:
+        return shards.spec.class_names(shards.label_names, self.cfg.data.label_mode, shards.folder)
 
     def check(self, shards: ShardSet) -> None:
         super().check(shards)
-        mode, classes = self.cfg.data.label_mode, self.cfg.model.num_classes
-        if classes != len(LABEL_NAMES[mode]):
+        mode, classes, names = (
+            self.cfg.data.label_mode,
+            self.cfg.model.num_classes,
+            self.label_names,
+        )
+        if classes != len(names):
             raise ValueError(
-                f"model.num_classes={classes}: data.label_mode={mode} has "
-                f"{len(LABEL_NAMES[mode])} classes ({', '.join(LABEL_NAMES[mode])})"
+                f"model.num_classes={classes}: data.label_mode={mode} on {shards.folder} has "
+                f"{len(names)} classes ({', '.join(names)})"
             )
 
     def metric_names(self) -> set[str]:
@@ -271,11 +291,17 @@ class ClassifyTask(Task):
         result = score(pred, self.cfg.model.num_classes, self.collapse_binary)
         result.update(pred["losses"])
         if plots and ctx.main:
-            self._write(ctx.out_dir, name, pred, result)
+            self._write(ctx.out_dir, name, pred, result, self.names_for(folder))
         return result
 
-    def _write(self, out: Path, name: str, pred: dict[str, Any], result: dict[str, Any]) -> None:
-        names = LABEL_NAMES[self.cfg.data.label_mode]
+    def _write(
+        self,
+        out: Path,
+        name: str,
+        pred: dict[str, Any],
+        result: dict[str, Any],
+        names: list[str],
+    ) -> None:
         plot_roc(pred["logits"], pred["label"], names, out / f"roc_{name}.png", f"ROC ({name})")
         if result.get("scoring") != "binary_collapse":  # its 2 x 2 matrix is in results.json
             plot_confusion(
@@ -322,12 +348,21 @@ class JointTask(ClassifyTask):
 
 
 class MultilabelTask(Task):
-    """The 14 CheXpert labels of chest X-ray shards: per-label AUROC and mAUC with bootstrap
-    intervals (images of one study resampled together)."""
+    """The labels of chest X-ray shards (the 14 CheXpert labels, or a manifest's label_names):
+    per-label AUROC and mAUC with bootstrap intervals (images of one study resampled together)."""
 
     name = "multilabel"
-    formats = (CXR_FORMAT,)
+    formats = (ImageMultilabel.name,)
     batch_keys = ("image", "labels", "label_mask")
+
+    def check(self, shards: ShardSet) -> None:
+        super().check(shards)
+        heads = self.cfg.model.multilabel.num_labels
+        if heads != len(shards.label_names):
+            raise ValueError(
+                f"model.multilabel.num_labels={heads}, but {shards.folder}/manifest.json has "
+                f"{len(shards.label_names)} label names ({', '.join(shards.label_names)})"
+            )
 
     def metric_names(self) -> set[str]:
         return {"mauc", "mean_acc"}
@@ -341,7 +376,7 @@ class MultilabelTask(Task):
             ("labels", "label_mask"),
             ("group", "key"),
         )
-        names = list(CXR_LABEL_NAMES)  # the reader checks the manifest against these
+        names = self.names_for(folder)
         result = score_multilabel(pred, names, ctx.cfg.train.bootstrap if plots else 0)
         if plots and ctx.main:
             plot_label_auroc(result, ctx.out_dir / f"auroc_{name}.png", f"Per-label AUROC ({name})")
