@@ -4,6 +4,7 @@
     python scripts/experiment.py alifuse-table3                  # synthetic cohort, CPU size
     python scripts/experiment.py mae-llama-table1 --quick        # seed 001's Table 1
     python scripts/experiment.py fusion-table1 --quick           # seed 002's Table I + Fig. 4
+    python scripts/experiment.py chexpert-transfer RUN_DIR --quick  # a MIMIC run on CheXpert
     python scripts/experiment.py alifuse-table2 --size paper \\
         --shards data/ad_shards --text-checkpoint /models/bert-base-uncased \\
         --launcher "accelerate launch --num_processes 8 --use_deepspeed --zero_stage 2"
@@ -29,11 +30,14 @@ if importlib.util.find_spec("trainer") is None:  # running from a checkout witho
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.alifuse_tables import SUITE as ALIFUSE  # noqa: E402
+from trainer.chexpert_transfer import SUITE as CHEXPERT  # noqa: E402
 from trainer.cxr_tables import SUITE as MAE_LLAMA  # noqa: E402
 from trainer.experiment import finite_table, run_experiment  # noqa: E402
 from trainer.fusion_tables import SUITE as FUSION  # noqa: E402
 
-SUITES = {name: suite for suite in (ALIFUSE, MAE_LLAMA, FUSION) for name in suite.experiments}
+SUITES = {
+    name: suite for suite in (ALIFUSE, MAE_LLAMA, FUSION, CHEXPERT) for name in suite.experiments
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("experiment", choices=sorted(SUITES))
+    parser.add_argument(
+        "run_dir",
+        nargs="?",
+        type=Path,
+        help="chexpert-transfer: the finished MIMIC-CXR run (its train.output_dir) to evaluate",
+    )
     parser.add_argument("--quick", action="store_true", help="the same as --size quick")
     parser.add_argument("--size", default="default", help="quick, default or paper")
     parser.add_argument("--out", type=Path, help="output folder")
@@ -78,10 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suite = SUITES[args.experiment]
     if args.size not in suite.sizes:
         parser.error(f"--size {args.size}: {args.experiment} has {sorted(suite.sizes)}")
+    if suite.needs_run and args.run_dir is None:
+        parser.error(f"{args.experiment} needs RUN_DIR: the finished run it evaluates")
+    if not suite.needs_run and args.run_dir is not None:
+        parser.error(f"{args.experiment} trains its own runs; it takes no RUN_DIR")
+    if args.run_dir is not None and not (args.run_dir / "config.yaml").is_file():
+        parser.error(f"{args.run_dir}: not a run folder (no config.yaml)")
     if (
         args.size == "paper"
         and suite.needs_for_paper
-        and not (args.shards and args.text_checkpoint)
+        and not all(getattr(args, name) for name in suite.paper_needs)
     ):
         parser.error(f"--size paper needs {suite.needs_for_paper}")
     if args.bootstrap < 1:
@@ -93,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--jobs > 1 with --launcher: launched rows would share the launcher's port and "
             "devices; run them one at a time"
         )
-    for name in ("shards", "text_checkpoint"):  # the runs start in the repository
+    for name in ("shards", "text_checkpoint", "run_dir"):  # the runs start in the repository
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).resolve())
     return args
@@ -108,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     size = suite.sizes[args.size]
     exp = suite.experiments[args.experiment](args.size, args)
     # Absolute paths: the runs start in the repository, wherever this command was started.
-    out = (args.out or Path("runs/experiments") / f"{args.experiment}-{args.size}").resolve()
+    name = f"{args.experiment}-{args.size}"
+    if args.run_dir is not None:  # one folder per evaluated run
+        name += f"-{args.run_dir.name}"
+    out = (args.out or Path("runs/experiments") / name).resolve()
     started = time.perf_counter()
     try:
         shared = suite.prepare(size, out.parent / f"data-{suite.data_name}-{args.size}", args)
@@ -127,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             size=args.size,
             jobs=args.jobs,
         )
+        if suite.finish is not None:
+            suite.finish(exp, out, args, results, args.bootstrap)
     except RuntimeError as err:
         print(f"experiment: error: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:
+        print(f"experiment: error: {err}", file=sys.stderr)
+        return 2
     print((out / "results.md").read_text())
     print(
         f"wrote {out / 'results.md'}, results.json, results.png "

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from models.vit import VisionConfig, VisionTransformer
+from shards.cxr_labels import LABEL_NAMES
 from trainer.export import export_run
 from trainer.inference import Predictor
 
@@ -217,6 +218,12 @@ def test_multilabel_export_gives_the_runs_logits(cxr_multilabel_run, cxr_data, t
     torch.testing.assert_close(
         Predictor.from_export(out).predict(images=images).logits, logits, rtol=0, atol=ATOL
     )
+    # the label names the run's shards gave, recorded by the run and carried by the export
+    names = json.loads((cxr_multilabel_run / "labels.json").read_text())["label_names"]
+    assert names == list(LABEL_NAMES) == run.label_names
+    assert Predictor.from_export(out).label_names == names
+    (out / "labels.json").write_text(json.dumps({"label_names": ["a"] * 13 + ["b"]}))
+    assert Predictor.from_export(out).label_names[-1] == "b"  # read from the folder
 
 
 def test_export_refuses_what_it_cannot_write(cxr_multilabel_run, tmp_path, capsys):

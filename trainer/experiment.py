@@ -128,6 +128,11 @@ class Suite:
     prepare: Callable[..., list[str]]
     needs_for_paper: str = ""  # what --size paper requires of the user, if anything
     data_name: str = "data"  # synthetic data is written to OUT/../data-<data_name>-<size>/
+    paper_needs: tuple[str, ...] = ("shards", "text_checkpoint")  # options --size paper needs
+    needs_run: bool = False  # the experiment evaluates a finished run (RUN_DIR)
+    # After the table: finish(exp, out, options, results, n_boot) scores what is not a training
+    # row (e.g. zero-shot), adds it to OUT/results.{json,md} and returns its markdown.
+    finish: Callable[..., str] | None = None
 
 
 def data_and_text(

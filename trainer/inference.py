@@ -361,6 +361,24 @@ class Predictor:
         text = self.model.text
         return text.pool(text.forward_features(**tokens), tokens["attention_mask"])
 
+    @torch.no_grad()
+    def text_logits(self, batch: Mapping[str, Any], texts: Sequence[str]) -> Tensor:
+        """The batch's images against `texts` -> (N, T) CPU logits: each image's similarity to
+        each text (as the run's ITC scores it, attention pool included) times the learned
+        logit scale. Zero-shot classification over classes, one prompt per class: the argmax
+        of a row (CLIP's protocol). Texts are put in the run's prompt template and padded to
+        the max length, as the zero-shot prompts of the run's evaluation are."""
+        inputs = {"image": batch["image"].to(self.device).float()}
+        self.check_inputs("zero_shot", inputs)
+        tokens = {
+            k: v.to(self.device) for k, v in self.tokenize(list(texts), pad_to="max_length").items()
+        }
+        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+            states = self.model(tokens, embed=True)["text"]
+            out = self.model(inputs, embed=True)
+            sims = self.model.similarity(out["image"], states)
+        return (sims.float() * float(out["logit_scale"])).cpu()
+
     def _zero_shot(self, inputs: dict[str, Tensor]) -> Tensor:
         """As trainer.embed_eval.zero_shot_metrics: per label, the softmax over the image's
         similarity to the positive and the negative prompt at the learned temperature."""
