@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--jobs", type=int, default=1, help="rows trained at once (each run is seeded on its own)"
     )
     parser.add_argument(
+        "--run-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="RUN_DIR's config overrides when it is loaded (e.g. a moved model.text.checkpoint)",
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"experiment: error: {err}", file=sys.stderr)
         return 1
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"experiment: error: {err}", file=sys.stderr)
         return 2
     print((out / "results.md").read_text())

@@ -49,7 +49,9 @@ def test_label_names_come_from_the_shards_and_must_agree_across_splits() -> None
     task.check(labelled)
     assert task.label_names == names and task.names_for("/nowhere") == names
     other = ShardSet(Path("/d/b"), [("/d/b/x.tar", 4)], 4, 128, CXR_FORMAT, label_names=names[::-1])
-    with pytest.raises(ValueError, match="/d/b/manifest.json: label names .* differ from the first"):
+    with pytest.raises(
+        ValueError, match="/d/b/manifest.json: label names .* differ from the first"
+    ):
         task.check(other)
     with pytest.raises(ValueError, match="num_labels=14, but /data/split/manifest.json has 3"):
         build_task(load_config(None, ["model.task=multilabel"])).check(
@@ -72,7 +74,9 @@ def test_label_names_come_from_the_shards_and_must_agree_across_splits() -> None
 
 def test_classifier_classes_must_match_the_label_mode() -> None:
     cfg = load_config(None, ["model.task=classify", "model.num_classes=2"])
-    with pytest.raises(ValueError, match="model.num_classes=2: data.label_mode=three_class on /data/split has 3"):
+    with pytest.raises(
+        ValueError, match="model.num_classes=2: data.label_mode=three_class on /data/split has 3"
+    ):
         build_task(cfg).check(_shards(AD_FORMAT))
     cfg = load_config(
         None, ["model.task=classify", "model.num_classes=2", "data.label_mode=binary"]

@@ -29,8 +29,9 @@ run). Two parts:
 
 Sizes:
 
-    quick     a synthetic CheXpert tree (160 patients, 5 x 20 zero-shot images), 40 steps a row
-    default   600 patients, 5 x 50 zero-shot images, 300 steps a row, 3 seeds
+    quick     a synthetic CheXpert tree (240 + 60 valid patients, 5 x 20 zero-shot images),
+              40 steps a row
+    default   800 + 150 valid patients, 5 x 50 zero-shot images, 300 steps a row, 3 seeds
     paper     your CheXpert shards (--shards, with a 5x200 split); the preset's schedule
 
 Images are written at RUN_DIR's model.vision.img_size, and every row takes RUN_DIR's vision
@@ -73,6 +74,7 @@ class Size:
     name: str
     seeds: tuple[int, ...] = (0,)
     patients: int = 0  # 0: the user's shards
+    valid_patients: int = 0  # the synthetic valid.csv's patients (the test split)
     per_class: int = 200  # zero-shot images per class
     steps: int = 0  # 0: the preset's
     overrides: list[str] = field(default_factory=list)
@@ -90,13 +92,15 @@ _RUNS = [  # every row: no checkpoints or evaluation on the way, the test split 
 SIZES = {
     "quick": Size(
         "quick",
-        patients=160,
+        patients=240,
+        valid_patients=60,
         per_class=20,
         steps=40,
         overrides=[
             "data.batch_size=16",
             "data.eval_batch_size=64",
             "data.shuffle_buffer=64",
+            "data.num_workers=0",
             "optim.warmup_steps=4",
             "train.log_every=20",
             "train.mixed_precision=no",
@@ -106,12 +110,14 @@ SIZES = {
     "default": Size(
         "default",
         seeds=(0, 1, 2),
-        patients=600,
+        patients=800,
+        valid_patients=150,
         per_class=50,
         steps=300,
         overrides=[
             "data.batch_size=32",
             "data.eval_batch_size=64",
+            "data.num_workers=0",
             "optim.warmup_steps=20",
             "train.log_every=50",
             "train.mixed_precision=no",
@@ -195,14 +201,26 @@ def prepare_data(size: Size, image: int, root: Path, seed: int, progress=print) 
     from shards.chexpert import write_chexpert_shards
     from shards.synthetic.chexpert import generate_chexpert
 
-    recipe = {"patients": size.patients, "per_class": size.per_class, "image": image, "seed": seed}
+    recipe = {
+        "patients": size.patients,
+        "valid_patients": size.valid_patients,
+        "per_class": size.per_class,
+        "image": image,
+        "seed": seed,
+    }
     stamp = root / "data_recipe.json"
     shards = root / "shards"
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         progress(f"data: reusing {root}")
         return shards
     progress(f"data: synthetic CheXpert-v1.0 tree ({size.patients} patients) -> {root}")
-    tree = generate_chexpert(root / "raw", patients=size.patients, size=2 * image, seed=seed)
+    tree = generate_chexpert(
+        root / "raw",
+        patients=size.patients,
+        valid_patients=size.valid_patients,
+        size=2 * image,
+        seed=seed,
+    )["root"]
     write_chexpert_shards(
         tree, shards, size=image, samples_per_shard=64, zero_shot_5x200=size.per_class, seed=seed
     )
@@ -328,7 +346,14 @@ def finish(exp: Experiment, out: Path, options: Any, results: dict[str, Any], n_
     run_dir = Path(options.run_dir).resolve()
     shards = Path(options.chexpert_shards)
     seed = results["seeds"][0]
-    predictor = Predictor.from_run(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        predictor = Predictor.from_run(run_dir, device, overrides=options.run_set)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{run_dir} cannot be loaded for zero-shot ({err}); a path in its config.yaml may be "
+            "relative to where it was trained: pass --run-set model.text.checkpoint=/abs/path"
+        ) from err
     lines = ["", "## Zero-shot (no CheXpert label used)", ""]
     if "zero_shot" not in predictor.outputs():
         reason = f"{run_dir} has no text tower aligned by ITC (model.task={predictor.task})"
@@ -353,7 +378,7 @@ def finish(exp: Experiment, out: Path, options: Any, results: dict[str, Any], n_
             f"| CheXpert test, 14 labels | {labels['n']} | mAUC | "
             f"{_fmt(labels['mauc'], labels['mauc_ci'])} |",
             "",
-            f"Per class (5x200): {per_class}. Confusion (rows: true class, columns: predicted, "
+            f"Accuracy per class (%, 5x{zs['n'] // 5}): {per_class}. Confusion (rows: true class, columns: predicted, "
             f"order {', '.join(zs['classes'])}): {zs['confusion']}. Prompts: "
             + "; ".join(f'"{p}"' for p in zs["prompts"])
             + ".",
