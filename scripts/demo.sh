@@ -5,7 +5,9 @@
 #        (ITC + masked image + masked text) -> fusion classifier -> ACC / macro-AUC / F1 (test)
 #   cxr: synthetic MIMIC-CXR tree -> shards -> tiny BERT -> 2D MAE pretraining, once without
 #        and once with the report text (+ retrieval and zero-shot scores) -> 14-label heads
-#        fine-tuned from each -> mAUC (test); and a 10 % label-fraction run from the text tower
+#        fine-tuned from each -> mAUC (test); and a 10 % label-fraction run from the text tower;
+#        then the MAE + text run on a synthetic CheXpert tree (zero-shot 5x20, linear probe and
+#        fine-tuning at 1 / 10 / 100 % of the labels)
 # Usage: scripts/demo.sh [ad|cxr|all]   (default all). Everything lands under runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,39 +52,46 @@ run_ad() {
 
 run_cxr() {
   local t0; t0=$(date +%s)
-  stamp "CXR 1/5 synthetic MIMIC-CXR-JPG tree + reports -> $ROOT/raw_cxr"
-  rm -rf "$ROOT/raw_cxr" "$ROOT/cxr_shards" "$ROOT/cxr_tiny_bert" "$ROOT"/cxr_pretrain_* "$ROOT"/cxr_finetune_*
+  stamp "CXR 1/6 synthetic MIMIC-CXR-JPG tree + reports -> $ROOT/raw_cxr"
+  rm -rf "$ROOT/raw_cxr" "$ROOT/cxr_shards" "$ROOT/cxr_tiny_bert" "$ROOT"/cxr_pretrain_* "$ROOT"/cxr_finetune_* \
+    "$ROOT/chexpert_transfer" "$ROOT/data-chexpert-quick"
   python scripts/make_synthetic_cxr.py --root "$ROOT/raw_cxr" --subjects "${DEMO_CXR_SUBJECTS:-300}" --corrupt 6
 
-  stamp "CXR 2/5 shards (frontal views, 64 x 64 for the CPU demo) -> $ROOT/cxr_shards"
+  stamp "CXR 2/6 shards (frontal views, 64 x 64 for the CPU demo) -> $ROOT/cxr_shards"
   python scripts/make_cxr_shards.py --synthetic-root "$ROOT/raw_cxr" --out "$ROOT/cxr_shards" \
     --size 64 --samples-per-shard 32
 
-  stamp "CXR 3/5 tiny BERT text tower from the training reports -> $ROOT/cxr_tiny_bert"
+  stamp "CXR 3/6 tiny BERT text tower from the training reports -> $ROOT/cxr_tiny_bert"
   python scripts/make_tiny_bert.py --shards "$ROOT/cxr_shards/train" --out "$ROOT/cxr_tiny_bert"
 
   local paths=(data.train="$ROOT/cxr_shards/train" data.val="$ROOT/cxr_shards/val"
                data.test="$ROOT/cxr_shards/test")
   for variant in mae mae_text; do
-    stamp "CXR 4/5 pretraining ($variant): 2 processes, DeepSpeed ZeRO-2 -> $ROOT/cxr_pretrain_$variant"
+    stamp "CXR 4/6 pretraining ($variant): 2 processes, DeepSpeed ZeRO-2 -> $ROOT/cxr_pretrain_$variant"
     "${LAUNCH[@]}" train.py --config "configs/cxr_demo_pretrain_$variant.yaml" "${paths[@]}" \
       model.text.checkpoint="$ROOT/cxr_tiny_bert" train.output_dir="$ROOT/cxr_pretrain_$variant" \
       | tee "$ROOT/cxr_pretrain_$variant.log"
-    stamp "CXR 5/5 14-label heads from the $variant tower -> $ROOT/cxr_finetune_$variant"
+    stamp "CXR 5/6 14-label heads from the $variant tower -> $ROOT/cxr_finetune_$variant"
     "${LAUNCH[@]}" train.py --config configs/cxr_demo_finetune.yaml "${paths[@]}" \
       train.output_dir="$ROOT/cxr_finetune_$variant" train.init_from="$ROOT/cxr_pretrain_$variant" \
       | tee "$ROOT/cxr_summary_$variant.txt"
   done
-  stamp "CXR 5/5 14-label heads from the mae_text tower, 10 % of the training labels"
+  stamp "CXR 5/6 14-label heads from the mae_text tower, 10 % of the training labels"
   "${LAUNCH[@]}" train.py --config configs/cxr_demo_finetune.yaml "${paths[@]}" \
     train.output_dir="$ROOT/cxr_finetune_mae_text_10pct" train.init_from="$ROOT/cxr_pretrain_mae_text" \
     data.label_fraction=0.1 | tee "$ROOT/cxr_summary_mae_text_10pct.txt"
+  stamp "CXR 6/6 the MAE + text run on CheXpert (synthetic CheXpert-v1.0 tree) -> $ROOT/chexpert_transfer"
+  python scripts/experiment.py chexpert-transfer "$ROOT/cxr_pretrain_mae_text" --quick --jobs 2 \
+    --out "$ROOT/chexpert_transfer" > "$ROOT/chexpert_transfer.txt"
   stamp "CXR done in $(( $(date +%s) - t0 ))s; test mAUC, MAE only vs MAE + text (+ 10 % labels):"
   for variant in mae mae_text mae_text_10pct; do
     echo "  $variant: $(grep '^test: mAUC' "$ROOT/cxr_summary_$variant.txt")"
   done
   echo "  MAE + text tower, test split without fine-tuning:"
   grep '^test retrieval\|^test zero-shot' "$ROOT/cxr_pretrain_mae_text.log" | sed 's/^/    /' || true
+  echo "  CheXpert transfer ($ROOT/chexpert_transfer/results.md):"
+  grep '^| Linear probe | \|^| Fine-tune | \|^| CheXpert ' "$ROOT/chexpert_transfer/results.md" \
+    | sed 's/^/    /' || true
 }
 
 case "$VERTICAL" in

@@ -40,7 +40,7 @@ as GLoRIA's public preprocessing builds it (Huang et al. 2021, ICCV, preprocess_
      the first N whose image decodes are the sample (an image that does not decode is rejected
      with its reason and the next candidate takes its place; running out is an error).
 
-GLoRIA draws with pandas ``sample(n=200, random_state=42)``; this writer's seed and generator
+GLoRIA draws with pandas ``DataFrame.sample(n=200)`` at a fixed random state; this writer's seed and generator
 differ, so the 1000 images differ from GLoRIA's list, but the rule and the counts are the same.
 The chosen images are written to the split folder ``5x200`` (manifest key "classes": the 5 names;
 each sample's json "class": its index into them), and every other train.csv row of their patients

@@ -100,7 +100,7 @@ from shards.formats.image_multilabel import ImageMultilabel
 from shards.formats.volume_class import VolumeClass
 from shards.splits import SPLITS, assign_splits, check_ratios
 from shards.volume import is_volume_file, load_volume, to_cube
-from shards.xray_images import DICOM_SUFFIX, encode_png, load_square, square_resize
+from shards.xray_images import DICOM_SUFFIX, encode_png, load_square, min_max, square_resize
 
 log = logging.getLogger(__name__)
 
@@ -320,18 +320,6 @@ def _unit_square(values: np.ndarray, size: int) -> np.ndarray:
     return np.rint(values * 65535.0).astype(np.uint16)
 
 
-def _min_max(values: np.ndarray, where: str) -> np.ndarray:
-    """float32 values scaled to [0, 1] by their minimum and maximum."""
-    values = np.asarray(values, dtype=np.float64)
-    bad = int(np.count_nonzero(~np.isfinite(values)))
-    if bad:
-        raise RecordError("non_finite_pixels", where, f"{bad} pixels are NaN or infinite")
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        raise RecordError("constant_image", where, f"all pixels equal {lo}; expected contrast")
-    return ((values - lo) / (hi - lo)).astype(np.float32)
-
-
 def array_square(array: np.ndarray, size: int, where: str = "") -> tuple[np.ndarray, int]:
     """A 2-D numeric array -> (size x size uint8 or uint16, bits): uint8 kept 8-bit, uint16
     read by its range (/ 65535), any other dtype min-max scaled; the latter two 16-bit."""
@@ -343,7 +331,7 @@ def array_square(array: np.ndarray, size: int, where: str = "") -> tuple[np.ndar
         return np.asarray(square_resize(Image.fromarray(array), size), dtype=np.uint8), 8
     if array.dtype == np.uint16:
         return _unit_square(array.astype(np.float32) / 65535.0, size), 16
-    return _unit_square(_min_max(array, where), size), 16
+    return _unit_square(min_max(array, where), size), 16
 
 
 def pil_square(img: Image.Image, size: int, where: str = "") -> tuple[np.ndarray, int]:
@@ -356,7 +344,7 @@ def pil_square(img: Image.Image, size: int, where: str = "") -> tuple[np.ndarray
         values = np.asarray(img)
         if img.mode == "I" and values.min() >= 0 and values.max() <= 65535:
             return _unit_square(values.astype(np.float32) / 65535.0, size), 16
-        return _unit_square(_min_max(values, where), size), 16
+        return _unit_square(min_max(values, where), size), 16
     if img.format == "JPEG":  # decode at 1/2, 1/4, 1/8 when still >= size, as read_jpeg does
         scale = size / min(img.size)
         img.draft("L", (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))

@@ -61,18 +61,25 @@ def read_dicom(path: str | Path) -> np.ndarray:
         )
     values = apply_modality_lut(pixels, ds)
     values = apply_voi_lut(values, ds)  # a VOI LUT if present, else the first window
-    values = np.asarray(values, dtype=np.float32)
-    bad = int(np.count_nonzero(~np.isfinite(values)))
-    if bad:
-        raise RecordError("non_finite_pixels", path, f"{bad} pixels are NaN or infinite")
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        raise RecordError("constant_image", path, f"all pixels equal {lo}; expected contrast")
     # Min-max after the window: values the window clipped sit at 0 or 1.
-    values -= lo
-    values *= 1.0 / (hi - lo)
+    values = min_max(values, path)
     if photometric == "MONOCHROME1":  # high values are dark in MONOCHROME1
         np.subtract(1.0, values, out=values)
+    return values
+
+
+def min_max(values: np.ndarray, where: str | Path) -> np.ndarray:
+    """Pixel values -> float32 in [0, 1] by their minimum and maximum; a RecordError naming
+    `where` for NaN / infinite pixels or an image without contrast."""
+    values = np.array(values, dtype=np.float32)  # a copy: scaled in place below
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        raise RecordError("non_finite_pixels", where, f"{bad} pixels are NaN or infinite")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        raise RecordError("constant_image", where, f"all pixels equal {lo}; expected contrast")
+    values -= lo
+    values *= 1.0 / (hi - lo)
     return values
 
 

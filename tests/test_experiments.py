@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from conftest import REPO, TINY_VISION, run_cmd, train_cmd
 
 from trainer.alifuse_tables import EXPERIMENTS
+from trainer.chexpert_transfer import COMPETITION
+from trainer.chexpert_transfer import transfer as chexpert_transfer
 from trainer.cxr_tables import table1 as mae_llama_table1
 from trainer.experiment import finite_table
 from trainer.fusion_tables import table1 as fusion_table1
@@ -132,6 +135,12 @@ def quick_tables(tmp_path_factory) -> dict[str, Path]:
     for name in QUICK:
         outs[name] = root / name
         run_cmd(experiment_cmd(name, outs[name]), timeout=1200)
+    # CheXpert transfer of a run the MAE + LLaMA table trained (ITC with an attention pool)
+    run_dir = outs["mae-llama-table1"] / "stages" / "align_margin_frozen" / "seed0"
+    outs["chexpert-transfer"] = root / "chexpert-transfer"
+    cmd = experiment_cmd("chexpert-transfer", outs["chexpert-transfer"])
+    run_cmd([*cmd[:3], str(run_dir), *cmd[3:], "--set", "train.max_steps=10"], timeout=1200)
+    outs["chexpert-transfer-run"] = run_dir
     return outs
 
 
@@ -179,6 +188,31 @@ def test_quick_experiment_fills_every_row(quick_tables, name) -> None:
     if name == "fusion-table1":  # Table I and the Fig. 4 ablations as two tables
         assert "## Table I" in table and "## Fig. 4 ablations" in table
         assert table.count("| Table I | Our (CNN + Transformer + RNN, attention fusion) |") == 2
+
+
+def test_chexpert_transfer_of_a_mimic_run(quick_tables) -> None:
+    out, run_dir = quick_tables["chexpert-transfer"], quick_tables["chexpert-transfer-run"]
+    exp = chexpert_transfer(
+        "quick", SimpleNamespace(run_dir=run_dir)
+    )  # 1 / 10 / 100 % x probe / fine-tune
+    results = json.loads((out / "results.json").read_text())
+    assert finite_table(results, exp) and len(exp.rows) == 6
+    for row in exp.rows:  # every row started from the run's tower, at its vision settings
+        config = yaml.safe_load((out / "runs" / row.key / "seed0" / "config.yaml").read_text())
+        assert config["train"]["init_from"] == str(run_dir)
+        assert config["model"]["vision"]["img_size"] == 32
+        fraction = float(row.key.split("_")[1].removesuffix("pct")) / 100
+        assert config["data"]["label_fraction"] == pytest.approx(fraction)
+    zs = results["zero_shot"]["5x200"]
+    assert zs["n"] == 100 and zs["classes"] == list(COMPETITION)  # 5 x 20 at the quick size
+    assert sum(map(sum, zs["confusion"])) == 100
+    assert all(sum(row) == 20 for row in zs["confusion"])  # 20 images of each class
+    assert zs["acc_ci"][0] <= zs["acc"] <= zs["acc_ci"][1]
+    labels = results["zero_shot"]["test_14_labels"]
+    assert 0.0 <= labels["mauc"] <= 1.0 and labels["mauc_ci"] is not None
+    table = (out / "results.md").read_text()
+    assert "## Zero-shot (no CheXpert label used)" in table and "CheXpert 5x20 (GLoRIA)" in table
+    assert "| Fine-tune, 100 % of the labels |" in table
 
 
 def test_a_finished_row_is_read_back_not_trained_again(quick_tables) -> None:
