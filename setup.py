@@ -23,7 +23,7 @@ setup(
         "webdataset>=0.2.86",
         "nibabel>=5.0",
         "monai>=1.3.1",  # get_medicalnet_pretrained_resnet_args
-        "datasets>=3.0",
+        "datasets>=4.4",  # datasets.Nifti and datasets.List (shards/hf_source.py)
         "fsspec",  # remote shard splits (shards/remote.py)
         "aiohttp",  # http(s):// through fsspec
         "numpy",

@@ -5,6 +5,7 @@
     python scripts/experiment.py mae-llama-table1 --quick        # seed 001's Table 1
     python scripts/experiment.py fusion-table1 --quick           # seed 002's Table I + Fig. 4
     python scripts/experiment.py chexpert-transfer RUN_DIR --quick  # a MIMIC run on CheXpert
+        (RUN_DIR right after the name: --set and --run-set take every value that follows)
     python scripts/experiment.py alifuse-table2 --size paper \\
         --shards data/ad_shards --text-checkpoint /models/bert-base-uncased \\
         --launcher "accelerate launch --num_processes 8 --use_deepspeed --zero_stage 2"
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     exp = suite.experiments[args.experiment](args.size, args)
     # Absolute paths: the runs start in the repository, wherever this command was started.
     name = f"{args.experiment}-{args.size}"
-    if args.run_dir is not None:  # one folder per evaluated run
-        name += f"-{args.run_dir.name}"
+    if args.run_dir is not None:  # one folder per evaluated run (.../align/seed0: align_seed0)
+        name += f"-{args.run_dir.parent.name}_{args.run_dir.name}"
     out = (args.out or Path("runs/experiments") / name).resolve()
     started = time.perf_counter()
     try:

@@ -19,10 +19,10 @@ if importlib.util.find_spec("shards") is None:  # running from a checkout withou
 
 from shards.ad_tables import FORMATS  # noqa: E402
 from shards.ad_writer import (  # noqa: E402
-    empty_run_error,
     read_sources_file,  # noqa: E402
     write_ad_shards,
 )
+from shards.common import empty_run_error  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

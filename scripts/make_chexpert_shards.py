@@ -8,7 +8,7 @@
     python scripts/make_shards.py chexpert --root CheXpert-v1.0 --out data/chexpert_shards
 
 valid.csv becomes the test split; train.csv is split by patient into train and val. With
---zero-shot-5x200 N a fifth folder, 5x200, holds GLoRIA's CheXpert 5xN zero-shot set (N=200 for the
+--zero-shot-5x200 N a fourth folder, 5x200, holds GLoRIA's CheXpert 5xN zero-shot set (N=200 for the
 protocol; shards/chexpert.py says how it is drawn) and its patients are kept out of train and val.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 if importlib.util.find_spec("shards") is None:  # running from a checkout without pip install -e
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.ad_writer import empty_run_error  # noqa: E402
 from shards.chexpert import VIEWS, read_sources_file, write_chexpert_shards  # noqa: E402
+from shards.common import empty_run_error  # noqa: E402
 
 PROG = "make_chexpert_shards"
 

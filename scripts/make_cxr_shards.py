@@ -18,7 +18,7 @@ from pathlib import Path
 if importlib.util.find_spec("shards") is None:  # running from a checkout without pip install -e
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.ad_writer import empty_run_error  # noqa: E402
+from shards.common import empty_run_error  # noqa: E402
 from shards.mimic_cxr import (  # noqa: E402
     FRONTAL,
     LABELERS,

@@ -33,19 +33,14 @@ SOURCES = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SOURCES:
-        print(
-            __doc__.strip(),
-            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
-        )
-        if argv and argv[0] not in ("-h", "--help"):
-            print(
-                f"make_shards: error: unknown source {argv[0]!r}; expected one of "
-                f"{', '.join(SOURCES)}",
-                file=sys.stderr,
-            )
-            return 2
-        return 0 if argv else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    if not argv or argv[0] not in SOURCES:
+        print(__doc__.strip(), file=sys.stderr)
+        what = f"unknown source {argv[0]!r}" if argv else "no source"
+        print(f"make_shards: error: {what}; expected one of {', '.join(SOURCES)}", file=sys.stderr)
+        return 2
     path = HERE / SOURCES[argv[0]]
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]

@@ -20,11 +20,12 @@ from typing import Any
 
 from shards.clinical import is_missing, parse_cell, parse_number
 from shards.common import Reject, read_table
+from shards.formats.volume_class import AD_LABEL_NAMES
 from shards.volume import is_volume_file
 
 log = logging.getLogger(__name__)
 
-DIAGNOSES = ("NC", "MCI", "AD")
+DIAGNOSES = AD_LABEL_NAMES  # the label names of the shards (NC, MCI, AD)
 LABELS = {d: i for i, d in enumerate(DIAGNOSES)}
 # Cohorts published as controls vs patients only: the reader collapses MCI+AD.
 BINARY_COHORTS = frozenset({"OASIS-2", "MIRIAD"})

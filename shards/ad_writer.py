@@ -9,7 +9,6 @@ Shard format medalign-ad-v1 (shards/formats/volume_class.py), label names NC / M
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -30,6 +29,7 @@ from shards.common import (
     Reject,
     ShardSink,
     clear_old_shards,
+    npy_bytes,
     parallel_map,
     safe_key,
     write_manifest,
@@ -52,12 +52,6 @@ def sample_key(cohort: str, subject: str, image_id: str) -> str:
     return safe_key(f"{cohort}_{subject}_{image_id}")
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def _preprocess(job: tuple[str, int]) -> tuple[str, bytes | None, str, str]:
     """Worker: volume path -> (path, npy bytes or None, reject reason, detail)."""
     path, size = job
@@ -67,7 +61,7 @@ def _preprocess(job: tuple[str, int]) -> tuple[str, bytes | None, str, str]:
         return path, None, err.reason, err.detail or str(err)
     except Exception as exc:  # a single odd file must not end a run over thousands
         return path, None, "preprocess_error", f"{type(exc).__name__}: {exc}"
-    return path, _npy_bytes(cube.astype(np.float16)), "", ""
+    return path, npy_bytes(cube.astype(np.float16)), "", ""
 
 
 def _collect(
@@ -201,18 +195,6 @@ def _written_subjects(out: Path, names: Sequence[str]) -> dict[tuple[str, str], 
                         meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
                         sides.setdefault((meta["cohort"], meta["subject"]), set()).add(split)
     return sides
-
-
-def empty_run_error(report: dict[str, Any], rejects_path: Path) -> str | None:
-    """The error a shard command exits with when it wrote no sample at all (None otherwise)."""
-    if report["written"]["total"] > 0:
-        return None
-    reasons = ", ".join(f"{k}: {v}" for k, v in report["rejected"]["by_reason"].items())
-    return (
-        f"no sample written: {report['records_in']} records in, "
-        f"{report['rejected']['total']} rejected ({reasons or 'none'}); the reasons per record "
-        f"are in {rejects_path}"
-    )
 
 
 def write_ad_shards(

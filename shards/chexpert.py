@@ -84,6 +84,7 @@ from shards.common import (
     parallel_map,
     read_table,
     safe_key,
+    seeded_order,
     write_manifest,
     write_rejects,
 )
@@ -364,14 +365,6 @@ def _sample(rec: ChexpertRecord, png: bytes, class_index: int | None = None) -> 
     return ImageMultilabel.encode(rec.key, png, "", meta)
 
 
-def _split_order(records: list[ChexpertRecord], split: str, seed: int) -> list[ChexpertRecord]:
-    # Shuffled once so that neighbouring samples (same study, same patient) spread over shards;
-    # sorting first makes the order depend on the seed only.
-    records = sorted(records, key=lambda r: r.key)
-    random.Random(f"{seed}|{split}").shuffle(records)
-    return records
-
-
 def zero_shot_candidates(records: list[ChexpertRecord]) -> dict[str, list[ChexpertRecord]]:
     """Competition task -> its 5x200 candidates: train.csv frontal records whose labels are
     that task's one-hot (zero_shot_class), in input order."""
@@ -565,7 +558,7 @@ def write_chexpert_shards(
         "texts": False,
         "source": SOURCE,
     }
-    ordered = {split: _split_order(by_split[split], split, seed) for split in SPLITS}
+    ordered = {split: seeded_order(by_split[split], split, seed) for split in SPLITS}
     jobs = [(str(rec.image_path), size) for split in SPLITS for rec in ordered[split]]
     images = parallel_map(png_job, jobs, workers)
     manifests: dict[str, dict[str, Any]] = {}
@@ -587,7 +580,7 @@ def write_chexpert_shards(
         stale.unlink()
     if zero_shot_5x200:
         by_key = {rec.key: (rec, png, index) for rec, png, index in zero_shot}
-        order = _split_order([rec for rec, _, _ in zero_shot], ZERO_SHOT_SPLIT, seed)
+        order = seeded_order([rec for rec, _, _ in zero_shot], ZERO_SHOT_SPLIT, seed)
         items = ((rec, by_key[rec.key][1], "", "", by_key[rec.key][2]) for rec in order)
         manifests[ZERO_SHOT_SPLIT] = _write_split(
             ZERO_SHOT_SPLIT,

@@ -15,12 +15,14 @@ import io
 import json
 import logging
 import multiprocessing
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -185,7 +187,7 @@ def write_manifest(
     """Writes <folder>/manifest.json for a split of format `fmt` (a name in
     shards.formats.FORMATS): split, num_samples (the sum over shards), the shard entries
     (ShardSink.close), the format, then `extra` (the format's size key, label_names, ...)."""
-    from shards.formats import get_format  # the registry imports the reader's helpers
+    from shards.formats import get_format  # here, not on top: the formats import this module
 
     spec = get_format(fmt)
     if spec.size_key not in extra:
@@ -199,3 +201,31 @@ def write_manifest(
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as the bytes of a .npy file (no pickled objects)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def seeded_order(records: list[Any], split: str, seed: int) -> list[Any]:
+    """A split's records in the order its shards hold them: sorted by key, then shuffled once
+    with (seed, split), so neighbouring records (one study, one subject) spread over shards and
+    the order depends on the seed only, not on the order the sources were read in."""
+    records = sorted(records, key=lambda r: r.key)
+    random.Random(f"{seed}|{split}").shuffle(records)
+    return records
+
+
+def empty_run_error(report: dict[str, Any], rejects_path: Path) -> str | None:
+    """The error a shard command exits with when it wrote no sample at all (None otherwise)."""
+    if report["written"]["total"] > 0:
+        return None
+    reasons = ", ".join(f"{k}: {v}" for k, v in report["rejected"]["by_reason"].items())
+    return (
+        f"no sample written: {report['records_in']} records in, "
+        f"{report['rejected']['total']} rejected ({reasons or 'none'}); the reasons per record "
+        f"are in {rejects_path}"
+    )

@@ -37,7 +37,8 @@ folder); URLs are rejected (remote_path). Size S: 224 for 2-D, 128 for 3-D by de
 
 Labels. 2-D: each of ``label_columns`` is one binary label named after its column (or
 ``label_names``), its cells as shards.cxr_labels.parse_label_cell reads them (1 / 0 / -1, "1.0",
-..., bool, None or NaN for blank); a two-class ClassLabel column gives its index (-1: blank).
+..., bool, None or NaN for blank); a two-class ClassLabel column gives its index (-1: blank),
+when its names say which class is positive ([no, yes], [negative, positive], ...; else an error).
 One-hot: a single ClassLabel column of more than two classes, or a single string column none of
 whose values is a label cell, becomes one binary label per class (1.0 for the row's class, 0.0
 for the others), named by the ClassLabel's names (``label_names`` renames them, same count) or
@@ -66,7 +67,6 @@ import io
 import json
 import logging
 import math
-import random
 import re
 import tempfile
 import time
@@ -90,8 +90,10 @@ from shards.common import (
     Reject,
     ShardSink,
     clear_old_shards,
+    npy_bytes,
     parallel_map,
     safe_key,
+    seeded_order,
     write_manifest,
     write_rejects,
 )
@@ -557,12 +559,6 @@ def _set_reader(reader: _Reader | None, worker: bool = False) -> None:
         _READER.append(reader)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def convert_job(job: tuple[str, int, str]) -> tuple[bytes | None, int, str, str]:
     """Worker: (part, row index, where) -> (PNG or float16 .npy bytes or None, bits, reject
     reason, detail); a bad cell is a reject, never an exception."""
@@ -574,7 +570,7 @@ def convert_job(job: tuple[str, int, str]) -> tuple[bytes | None, int, str, str]
             array, bits = image_square(value, reader.size, reader.base, where)
             return encode_png(array), bits, "", ""
         cube = volume_cube(value, reader.size, reader.base, where)
-        return _npy_bytes(cube.astype(np.float16)), 0, "", ""
+        return npy_bytes(cube.astype(np.float16)), 0, "", ""
     except RecordError as err:
         return None, 0, err.reason, err.detail or str(err)
     except Exception as exc:  # one odd cell must not end a run over the whole dataset
@@ -651,6 +647,19 @@ def _is_cell(value: Any) -> bool:
         return binary_cell(value) is not None
     except ValueError:
         return False
+
+
+# Two-class ClassLabel names read as (negative, positive); any other pair is an error.
+_BINARY_PAIRS = frozenset(
+    {
+        ("no", "yes"),
+        ("false", "true"),
+        ("negative", "positive"),
+        ("absent", "present"),
+        ("normal", "abnormal"),
+        ("0", "1"),
+    }
+)
 
 
 def _class_label(feature: Any) -> datasets.ClassLabel | None:
@@ -798,6 +807,14 @@ def label_spec(
             return _string_classes("onehot", column, values, label_names)
     names = _names(label_names, len(columns), "label columns") or list(columns)
     classlabels = frozenset(c for c in columns if _class_label(features[c]) is not None)
+    for column in sorted(classlabels):  # its index is the label: class 1 must be the positive
+        pair = tuple(n.strip().lower() for n in features[column].names)
+        if len(pair) == 2 and pair not in _BINARY_PAIRS:
+            raise ValueError(
+                f"label column {column!r} is a ClassLabel of {features[column].names}: which "
+                "class is positive is not clear; expected names such as [no, yes] or "
+                "[negative, positive] (the second positive), or a 0 / 1 integer column"
+            )
     return LabelSpec("binary", columns, names, classlabels=classlabels)
 
 
@@ -999,18 +1016,13 @@ def _sample(rec: HfRecord, data: bytes, dims: int, cohort: str) -> dict[str, Any
     if rec.part:
         meta["source_split"] = rec.part
     if dims == 2:
-        meta.update(labels=list(rec.labels), study=rec.subject)
+        # The group: a text's images (retrieval counts any image of the group as a match) and
+        # the bootstrap's unit. Each row has its own text, so with texts every image is its own
+        # group; without texts the subject's images are resampled together.
+        meta.update(labels=list(rec.labels), study=rec.subject if not rec.text else rec.key)
         return ImageMultilabel.encode(rec.key, data, rec.text, meta)
     meta.update(label=int(rec.labels), cohort=cohort, binary=False)
     return VolumeClass.encode(rec.key, data, rec.text, meta)
-
-
-def _split_order(records: list[HfRecord], split: str, seed: int) -> list[HfRecord]:
-    # Shuffled once so that neighbouring rows (one subject, one class) spread over shards;
-    # sorted first so that the order depends on the seed only.
-    records = sorted(records, key=lambda r: r.key)
-    random.Random(f"{seed}|{split}").shuffle(records)
-    return records
 
 
 @dataclass
@@ -1206,7 +1218,7 @@ def write_hf_shards(
         log.info("%d rows in, %d rejected before reading images", scan.records_in, len(rejects))
         out.mkdir(parents=True, exist_ok=True)
         ordered = {
-            split: _split_order([r for r in scan.records if r.split == split], split, seed)
+            split: seeded_order([r for r in scan.records if r.split == split], split, seed)
             for split in SPLITS
         }
         reader = _Reader(

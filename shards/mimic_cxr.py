@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -45,6 +44,7 @@ from shards.common import (
     parallel_map,
     read_table,
     safe_key,
+    seeded_order,
     write_manifest,
     write_rejects,
 )
@@ -356,14 +356,6 @@ def _sample(rec: CxrRecord, png: bytes) -> dict[str, Any]:
     return ImageMultilabel.encode(rec.key, png, rec.text, meta)
 
 
-def _split_order(records: list[CxrRecord], split: str, seed: int) -> list[CxrRecord]:
-    # Shuffled once here so that neighbouring samples (same study, same subject) spread over
-    # shards; sorting first makes the order depend on the seed only.
-    records = sorted(records, key=lambda r: r.key)
-    random.Random(f"{seed}|{split}").shuffle(records)
-    return records
-
-
 def _write_split(
     split: str,
     records: list[CxrRecord],
@@ -463,7 +455,7 @@ def write_cxr_shards(
         "labeler": labeler,
         "label_names": list(LABEL_NAMES),
     }
-    ordered = {split: _split_order(by_split[split], split, seed) for split in SPLITS}
+    ordered = {split: seeded_order(by_split[split], split, seed) for split in SPLITS}
     jobs = [(str(rec.image_path), size) for split in SPLITS for rec in ordered[split]]
     images = parallel_map(png_job, jobs, workers)
     manifests: dict[str, dict[str, Any]] = {}

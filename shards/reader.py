@@ -222,8 +222,8 @@ class ShardSet:
         path = remote_join(folder, "manifest.json") if remote else Path(folder) / "manifest.json"
         if not remote and not path.is_file():
             raise FileNotFoundError(
-                f"{path}: no shard manifest; write shards first (scripts/make_ad_shards.py or "
-                "scripts/make_cxr_shards.py)"
+                f"{path}: no shard manifest; write shards first (scripts/make_shards.py, "
+                "docs/DATASETS.md)"
             )
         manifest = json.loads(manifest_bytes(folder))
         fmt = manifest.get("format", DEFAULT_FORMAT)  # manifests before "format" are all AD

@@ -197,7 +197,8 @@ def test_csv_of_jpeg_paths_splits_by_subject_with_any_worker_count(tmp_path: Pat
     for split, rows in found.items():
         assert rows, f"split {split} is empty"
         for meta in rows:
-            assert meta["split"] == split and meta["study"] == meta["subject"]
+            assert meta["split"] == split and meta["subject"].startswith("P")
+            assert meta["study"] == f"{split}_{meta['id']}"  # its own report: its own group
             sides.setdefault(meta["subject"], set()).add(split)
     assert len(sides) == 10 and all(len(s) == 1 for s in sides.values())
     assert sum(report["subjects"].values()) == 10
@@ -388,6 +389,10 @@ def test_label_modes_and_names() -> None:
         binary.parse({"flag": "maybe", "pair": 1})
     with pytest.raises(ValueError, match="3 names for 2 label columns"):
         spec(2, ["flag", "pair"], ["a", "b", "c"])
+    # a two-class ClassLabel whose names do not say which class is positive
+    unclear = Features({"pair": ClassLabel(names=["positive", "negative"])})
+    with pytest.raises(ValueError, match=r"'pair' is a ClassLabel of \['positive', 'negative'\]"):
+        label_spec(2, ["pair"], unclear, {"pair": [0, 1]}, None)
     assert spec(2, ["dx"]).names == CLASSES and spec(2, ["dx"]).mode == "onehot"
     # 3-D: one class index; ClassLabel names (renamed by label_names), strings, integers.
     assert spec(3, ["dx"], ["nc", "mci", "ad"]).names == ["nc", "mci", "ad"]
@@ -536,6 +541,11 @@ def test_make_shards_hf_command(tmp_path: Path) -> None:
     table = write_jpeg_csv(tmp_path / "raw", subjects=5)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, str(REPO / "scripts" / "make_shards.py"), "hf", str(table)]
+    unknown = subprocess.run(
+        [*command[:2], "hdf5", str(table)], capture_output=True, text=True, env=env
+    )
+    assert unknown.returncode == 2
+    assert "unknown source 'hdf5'; expected one of ad, mimic-cxr, chexpert, hf" in unknown.stderr
     options = ["--image-column", "path", "--text-column", "report", "--size", "16"]
     done = subprocess.run(
         [

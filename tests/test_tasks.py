@@ -71,6 +71,22 @@ def test_label_names_come_from_the_shards_and_must_agree_across_splits() -> None
     task.check(_shards(AD_FORMAT))
     assert task.label_names == ["NC", "impaired"]
 
+    # a run's recorded names (evaluate_run, predict) must be the shards' names
+    task = build_task(load_config(None, ["model.task=classify"]))
+    task.label_names = ["NC", "AD", "MCI"]
+    with pytest.raises(ValueError, match="differ from the first split's \\['NC', 'AD', 'MCI'\\]"):
+        task.check(_shards(AD_FORMAT))
+
+
+def test_pretraining_a_text_tower_needs_shards_with_texts() -> None:
+    bare = ShardSet(Path("/d/c"), [("/d/c/x.tar", 4)], 4, 128, CXR_FORMAT, texts=False)
+    with pytest.raises(ValueError, match='"texts": false .* model.text_tower=bert'):
+        build_task(load_config(None, ["model.task=pretrain"])).check(bare)
+    mae_only = ["model.task=pretrain", "model.text_tower=none", "model.itc_weight=0"]
+    mae_only += ["model.mlm_weight=0", "model.cross_layers_image=0"]
+    build_task(load_config(None, mae_only)).check(bare)
+    build_task(load_config(None, ["model.task=multilabel"])).check(bare)  # image-only heads
+
 
 def test_classifier_classes_must_match_the_label_mode() -> None:
     cfg = load_config(None, ["model.task=classify", "model.num_classes=2"])

@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from shards.chexpert import COMPETITION_TASKS as COMPETITION
+from shards.chexpert import ZERO_SHOT_SPLIT
 from shards.cxr_labels import LABEL_NAMES
 from trainer.experiment import (
     Column,
@@ -63,9 +65,6 @@ from trainer.experiment import (
 )
 
 CONFIG = "configs/chexpert_transfer.yaml"
-ZERO_SHOT_SPLIT = "5x200"
-# The CheXpert competition tasks, the 5x200 classes (GLoRIA's order).
-COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
@@ -172,6 +171,10 @@ def transfer(size_name: str, options: Any) -> Experiment:
             "Label fractions are nested seeded subsets of the CheXpert training images "
             "(data.label_fraction); validation and test are whole. The test split is the "
             "official valid.csv. Uncertain labels count as positive (U-Ones), blank as negative.",
+            "mAUC averages the AUROC of the labels whose both classes occur in the test split "
+            "(up to 14); CheXpert papers often report the mean over the 5 competition tasks "
+            "(Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion), which the "
+            "per-label table gives.",
         ],
     )
 
@@ -233,6 +236,17 @@ def _prepare(size: Size, root: Path, options: Any, progress=print) -> list[str]:
     shared = run_overrides(run_dir)
     if options.shards is not None:
         shards = Path(options.shards).resolve()
+        from trainer.run_folder import load_run_config
+
+        needed = ["train", "val", "test"]
+        if load_run_config(run_dir, options.run_set).model.has_itc:  # the zero-shot part
+            needed.append(ZERO_SHOT_SPLIT)
+        missing = [s for s in needed if not (shards / s / "manifest.json").is_file()]
+        if missing:
+            raise ValueError(
+                f"{shards}: no {', '.join(missing)} split (manifest.json); write CheXpert shards "
+                "with make_shards.py chexpert --zero-shot-5x200 200"
+            )
     else:
         from trainer.run_folder import load_run_config
 
@@ -310,6 +324,14 @@ def zero_shot_5x200(predictor: Any, split_dir: Path, n_boot: int, seed: int) -> 
 def zero_shot_labels(predictor: Any, split_dir: Path, n_boot: int, seed: int) -> dict[str, Any]:
     """The run's 14-label zero-shot (positive against negative prompt per label) on a split:
     mAUC over the labels where both classes occur, with its bootstrap interval over studies."""
+    from shards.reader import ShardSet
+
+    names = ShardSet.load(str(split_dir)).label_names
+    if predictor.label_names != names:
+        raise ValueError(
+            f"{split_dir}: label names {names} are not the run's {predictor.label_names}; the "
+            "zero-shot columns would be scored against the wrong labels"
+        )
     probs, labels, masks, keys, groups = [], [], [], [], []
     for batch in _batches(predictor, split_dir):
         probs.append(predictor.run(batch, ("zero_shot",))["zero_shot"])

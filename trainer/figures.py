@@ -31,7 +31,7 @@ from matplotlib import colormaps  # noqa: E402
 from models.alifuse import AlifuseModel, build_model  # noqa: E402
 from shards.reader import DataConfig, ShardSet, build_eval_loader  # noqa: E402
 from trainer.checkpoint import load_init_weights  # noqa: E402
-from trainer.config import Config  # noqa: E402
+from trainer.config import Config, run_label_names  # noqa: E402
 from trainer.run_folder import load_run_config, load_run_weights  # noqa: E402
 
 CLASS_COLOURS = ("#1b9e77", "#d95f02", "#7570b3")
@@ -320,7 +320,9 @@ def visualize_run(
     load_run_weights(model, run_dir)
     model.eval()
     shards = ShardSet.load(split)
-    names = shards.spec.class_names(shards.label_names, cfg.data.label_mode, split)
+    names = run_label_names(run_dir) or shards.spec.class_names(
+        shards.label_names, cfg.data.label_mode, split
+    )
     data: DataConfig = cfg.data
     loader = build_eval_loader(split, data, model.tokenizer, cfg.model.text_max_length, 0, 1)
     record: dict[str, Any] = {"run": str(run_dir), "split": split}

@@ -163,7 +163,8 @@ class Predictor:
         (its labels.json), else the default names of the format the task reads."""
         if self._label_names:
             return list(self._label_names)
-        if self.task == "pretrain" or self.task == "multilabel":
+        two_d = self.cfg.model.vision.spatial_dims == 2
+        if self.task == "multilabel" or (self.task == "pretrain" and two_d):
             return list(CXR_LABEL_NAMES)[: self.cfg.model.multilabel.num_labels]
         names = list(VolumeClass.default_label_names)
         return VolumeClass().class_names(names, self.cfg.data.label_mode)
@@ -574,7 +575,9 @@ def file_batches(predictor: Predictor, inputs: Inputs) -> Iterator[tuple[list[st
 def shard_batches(predictor: Predictor, split_dir: str) -> Iterator[tuple[list[str], dict]]:
     """(keys, model batch) of a shard split, decoded and tokenized by the reader as in the
     run's evaluation (data.prompt_template and data.clinical applied there)."""
-    build_task(predictor.cfg).check(ShardSet.load(split_dir))
+    task = build_task(predictor.cfg)
+    task.label_names = predictor._label_names  # the shards must name the run's labels
+    task.check(ShardSet.load(split_dir))
     data = dataclasses.replace(predictor.cfg.data, eval_batch_size=predictor.batch_size)
     max_length = predictor.cfg.model.text_max_length
     for batch in build_eval_loader(split_dir, data, predictor.tokenizer, max_length, 0, 1):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from models.alifuse import build_model
 from models.llama_text import load_quantization_state
 from shards.reader import ShardSet
-from trainer.config import Config, load_config
+from trainer.config import Config, load_config, run_label_names
 from trainer.distributed import build_accelerator, describe, model_device
 from trainer.loop import Mover
 from trainer.tasks import EvalContext, build_task
@@ -107,6 +107,7 @@ def evaluate_run(
     if len(set(names)) != len(names):
         raise ValueError(f"split names {names} repeat; name them with --name")
     task = build_task(cfg)
+    task.label_names = run_label_names(run_dir)  # the shards must name the run's labels
     for folder in splits:
         task.check(ShardSet.load(folder))
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"

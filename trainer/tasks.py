@@ -189,6 +189,15 @@ class PretrainTask(Task):
     formats = (VolumeClass.name, ImageMultilabel.name)
     batch_keys = ("image",)  # + input_ids, attention_mask with a text tower
 
+    def check(self, shards: ShardSet) -> None:
+        super().check(shards)
+        if not shards.texts and self.cfg.model.text_tower != "none":
+            raise ValueError(
+                f'{shards.folder}/manifest.json says "texts": false (a dataset without '
+                f"reports), but model.text_tower={self.cfg.model.text_tower} trains on texts; "
+                "pretrain on shards with texts, or set model.text_tower=none (MAE only)"
+            )
+
     def metric_names(self) -> set[str]:
         names = super().metric_names()
         if self.cfg.train.retrieval:
@@ -284,8 +293,8 @@ class ClassifyTask(Task):
             ctx.loader(folder),
             ctx.accelerator,
             ctx.move,
-            ("label", "binary"),
-            ("cohort", "key", "subject"),
+            VolumeClass.eval_tensors,
+            VolumeClass.eval_lists,
             seed=ctx.cfg.train.seed,
         )
         result = score(pred, self.cfg.model.num_classes, self.collapse_binary)
@@ -373,8 +382,8 @@ class MultilabelTask(Task):
             ctx.loader(folder),
             ctx.accelerator,
             ctx.move,
-            ("labels", "label_mask"),
-            ("group", "key"),
+            ImageMultilabel.eval_tensors,
+            ImageMultilabel.eval_lists,
         )
         names = self.names_for(folder)
         result = score_multilabel(pred, names, ctx.cfg.train.bootstrap if plots else 0)

@@ -30,6 +30,8 @@ from shards.cxr_labels import LABEL_NAMES, NUM_LABELS, LabelPolicyConfig, labels
 from shards.formats import ShardFormat, register
 from shards.xray_images import decode_png
 
+MEMBERS = ("img.png", "txt", "json")  # a sample's tar members (txt optional without texts)
+
 _RAW_LABELS = (1.0, 0.0, -1.0)
 
 
@@ -49,7 +51,7 @@ def decode_cxr_sample(
     """
     key = raw.get("__key__", "?")
     url = raw.get("__url__", "?")
-    for name in ("img.png", "txt", "json"):
+    for name in MEMBERS:
         if name not in raw and (texts or name != "txt"):
             raise ValueError(f"{url}: sample {key} has no '{name}' member")
     try:
@@ -97,7 +99,7 @@ def decode_cxr_sample(
 class ImageMultilabel(ShardFormat):
     name = "medalign-cxr-v1"
     size_key = "image_size"
-    members = ("img.png", "txt", "json")
+    members = MEMBERS
     image_dims = 2
     default_label_names = LABEL_NAMES
     eval_tensors = ("labels", "label_mask")

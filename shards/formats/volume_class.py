@@ -32,6 +32,7 @@ from shards.clinical import check_groups, render_text
 from shards.formats import ShardFormat, register
 
 AD_LABEL_NAMES = ("NC", "MCI", "AD")
+MEMBERS = ("vol.npy", "txt", "json")  # a sample's tar members
 BINARY_NAMES = ("NC", "impaired")
 
 
@@ -129,7 +130,7 @@ def decode_sample(
     (``word_limit``: the writer's summary limit, from the manifest)."""
     key = raw.get("__key__", "?")
     url = raw.get("__url__", "?")
-    for member in ("vol.npy", "txt", "json"):
+    for member in MEMBERS:
         if member not in raw:
             raise ValueError(f"{url}: sample {key} has no '{member}' member")
     volume = npy_array(raw["vol.npy"], f"{url}: sample {key} vol.npy")
@@ -173,7 +174,7 @@ def decode_sample(
 class VolumeClass(ShardFormat):
     name = "medalign-ad-v1"
     size_key = "volume_size"
-    members = ("vol.npy", "txt", "json")
+    members = MEMBERS
     image_dims = 3
     default_label_names = AD_LABEL_NAMES
     eval_tensors = ("label", "binary")
