@@ -22,7 +22,7 @@ from shards.ad_writer import (  # noqa: E402
     read_sources_file,  # noqa: E402
     write_ad_shards,
 )
-from shards.common import empty_run_error  # noqa: E402
+from shards.common import run_writer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     """Write the shards; the writer prints a one-line summary and saves report.json."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def write() -> dict:
         sources = [tuple(s) for s in args.source]
         if args.synthetic_root is not None:
             sources += read_sources_file(args.synthetic_root)
-        report = write_ad_shards(
+        return write_ad_shards(
             sources,
             args.out,
             size=args.size,
@@ -97,15 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             holdout=args.holdout,
             split_by=args.split_by,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"make_ad_shards: error: {exc}", file=sys.stderr)
-        return 2
-    error = empty_run_error(report, args.out / "rejects.jsonl")
-    if error is not None:
-        print(f"make_ad_shards: error: {error}", file=sys.stderr)
-        return 1
-    print(f"report: {args.out / 'report.json'}  rejects: {args.out / 'rejects.jsonl'}")
-    return 0
+
+    return run_writer("make_ad_shards", write, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ if importlib.util.find_spec("shards") is None:  # running from a checkout withou
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shards.chexpert import VIEWS, read_sources_file, write_chexpert_shards  # noqa: E402
-from shards.common import empty_run_error  # noqa: E402
+from shards.common import run_writer  # noqa: E402
 
 PROG = "make_chexpert_shards"
 
@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     """Write the shards; the writer prints a one-line summary and saves report.json."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def write() -> dict:
         root = args.root if args.synthetic_root is None else read_sources_file(args.synthetic_root)
-        report = write_chexpert_shards(
+        return write_chexpert_shards(
             root,
             args.out,
             size=args.size,
@@ -89,15 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             seed=args.seed,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    error = empty_run_error(report, args.out / "rejects.jsonl")
-    if error is not None:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
-    print(f"report: {args.out / 'report.json'}  rejects: {args.out / 'rejects.jsonl'}")
-    return 0
+
+    return run_writer(PROG, write, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 if importlib.util.find_spec("shards") is None:  # running from a checkout without pip install -e
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.common import empty_run_error  # noqa: E402
+from shards.common import run_writer  # noqa: E402
 from shards.mimic_cxr import (  # noqa: E402
     FRONTAL,
     LABELERS,
@@ -70,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     views = None if [v.lower() for v in args.views] == ["all"] else args.views
-    try:
+
+    def write() -> dict:
         if args.synthetic_root is not None:
             root, reports_root = read_sources_file(args.synthetic_root)
         else:
             root, reports_root = args.root, args.reports_root
-        report = write_cxr_shards(
+        return write_cxr_shards(
             root,
             reports_root,
             args.out,
@@ -88,15 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             tables_root=args.tables_root,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"make_cxr_shards: error: {exc}", file=sys.stderr)
-        return 2
-    error = empty_run_error(report, args.out / "rejects.jsonl")
-    if error is not None:
-        print(f"make_cxr_shards: error: {error}", file=sys.stderr)
-        return 1
-    print(f"report: {args.out / 'report.json'}  rejects: {args.out / 'rejects.jsonl'}")
-    return 0
+
+    return run_writer("make_cxr_shards", write, args.out)
 
 
 if __name__ == "__main__":

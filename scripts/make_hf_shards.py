@@ -23,7 +23,7 @@ from pathlib import Path
 if importlib.util.find_spec("shards") is None:  # running from a checkout without pip install -e
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.common import empty_run_error  # noqa: E402
+from shards.common import run_writer  # noqa: E402
 from shards.hf_source import DATA_FILE_BUILDERS, write_hf_shards  # noqa: E402
 
 PROG = "make_hf_shards"
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     """Write the shards; the writer prints a one-line summary and saves report.json."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = write_hf_shards(
+
+    def write() -> dict:
+        return write_hf_shards(
             args.path,
             args.out,
             image_column=args.image_column,
@@ -106,15 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             data_files_format=args.data_files_format,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    error = empty_run_error(report, args.out / "rejects.jsonl")
-    if error is not None:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
-    print(f"report: {args.out / 'report.json'}  rejects: {args.out / 'rejects.jsonl'}")
-    return 0
+
+    return run_writer(PROG, write, args.out)
 
 
 if __name__ == "__main__":

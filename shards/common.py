@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import random
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,3 +230,20 @@ def empty_run_error(report: dict[str, Any], rejects_path: Path) -> str | None:
         f"{report['rejected']['total']} rejected ({reasons or 'none'}); the reasons per record "
         f"are in {rejects_path}"
     )
+
+
+def run_writer(prog: str, write: Callable[[], dict[str, Any]], out: Path) -> int:
+    """A shard command's exit code: `write()` (-> the writer's report) ends in 2 with the error
+    for bad input (ValueError, FileNotFoundError), 1 when it wrote no sample, else 0 after
+    naming the report and the rejects."""
+    try:
+        report = write()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    error = empty_run_error(report, Path(out) / "rejects.jsonl")
+    if error is not None:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    print(f"report: {Path(out) / 'report.json'}  rejects: {Path(out) / 'rejects.jsonl'}")
+    return 0

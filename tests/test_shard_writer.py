@@ -277,3 +277,25 @@ def test_a_random_split_by_scan_is_counted_where_subjects_cross(corrupt_cohort, 
     assert crossing == report["subjects_in_several_splits"] > 0  # visits on both sides
     with pytest.raises(ValueError, match="split_by='visit'"):
         write_ad_shards(sources, tmp_path / "x", size=SIZE, split_by="visit")
+
+
+def test_a_shard_command_exits_by_what_its_writer_did(tmp_path, capsys) -> None:
+    from shards.common import run_writer
+
+    def bad_input() -> dict:
+        raise FileNotFoundError("/data/train.csv: table not found")
+
+    assert run_writer("make_x_shards", bad_input, tmp_path) == 2
+    assert "make_x_shards: error: /data/train.csv: table not found" in capsys.readouterr().err
+    empty = {
+        "records_in": 3,
+        "written": {"total": 0},
+        "rejected": {"total": 3, "by_reason": {"missing_image": 3}},
+    }
+    assert run_writer("make_x_shards", lambda: empty, tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "no sample written: 3 records in, 3 rejected (missing_image: 3)" in err
+    assert str(tmp_path / "rejects.jsonl") in err
+    done = {**empty, "written": {"total": 2}}
+    assert run_writer("make_x_shards", lambda: done, tmp_path) == 0
+    assert f"report: {tmp_path / 'report.json'}" in capsys.readouterr().out
