@@ -102,7 +102,15 @@ from shards.formats.image_multilabel import ImageMultilabel
 from shards.formats.volume_class import VolumeClass
 from shards.splits import SPLITS, assign_splits, check_ratios
 from shards.volume import is_volume_file, load_volume, to_cube
-from shards.xray_images import DICOM_SUFFIX, encode_png, load_square, min_max, square_resize
+from shards.xray_images import (
+    DICOM_SUFFIX,
+    draft_gray,
+    encode_png,
+    load_square,
+    min_max,
+    square_resize,
+    unit_square,
+)
 
 log = logging.getLogger(__name__)
 
@@ -315,13 +323,6 @@ def _is_array(value: Any) -> bool:
     return isinstance(value, (np.ndarray, list, tuple))
 
 
-def _unit_square(values: np.ndarray, size: int) -> np.ndarray:
-    """float32 (H, W) in [0, 1] -> uint16 size x size, resampled as load_square does DICOM."""
-    small = square_resize(Image.fromarray(np.ascontiguousarray(values, dtype=np.float32)), size)
-    values = np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)  # bicubic overshoots
-    return np.rint(values * 65535.0).astype(np.uint16)
-
-
 def array_square(array: np.ndarray, size: int, where: str = "") -> tuple[np.ndarray, int]:
     """A 2-D numeric array -> (size x size uint8 or uint16, bits): uint8 kept 8-bit, uint16
     read by its range (/ 65535), any other dtype min-max scaled; the latter two 16-bit."""
@@ -332,8 +333,8 @@ def array_square(array: np.ndarray, size: int, where: str = "") -> tuple[np.ndar
     if array.dtype == np.uint8:
         return np.asarray(square_resize(Image.fromarray(array), size), dtype=np.uint8), 8
     if array.dtype == np.uint16:
-        return _unit_square(array.astype(np.float32) / 65535.0, size), 16
-    return _unit_square(min_max(array, where), size), 16
+        return unit_square(array.astype(np.float32) / 65535.0, size), 16
+    return unit_square(min_max(array, where), size), 16
 
 
 def pil_square(img: Image.Image, size: int, where: str = "") -> tuple[np.ndarray, int]:
@@ -341,15 +342,14 @@ def pil_square(img: Image.Image, size: int, where: str = "") -> tuple[np.ndarray
     32-bit integer (I) by the 16-bit range when its values fit, else min-max, float (F)
     min-max, all stored 16-bit; every other mode made gray ("L", as read_jpeg) and 8-bit."""
     if img.mode.startswith("I;16"):
-        return _unit_square(np.asarray(img, dtype=np.float32) / 65535.0, size), 16
+        return unit_square(np.asarray(img, dtype=np.float32) / 65535.0, size), 16
     if img.mode in ("I", "F"):
         values = np.asarray(img)
         if img.mode == "I" and values.min() >= 0 and values.max() <= 65535:
-            return _unit_square(values.astype(np.float32) / 65535.0, size), 16
-        return _unit_square(min_max(values, where), size), 16
+            return unit_square(values.astype(np.float32) / 65535.0, size), 16
+        return unit_square(min_max(values, where), size), 16
     if img.format == "JPEG":  # decode at 1/2, 1/4, 1/8 when still >= size, as read_jpeg does
-        scale = size / min(img.size)
-        img.draft("L", (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
+        draft_gray(img, size)
     gray = img.convert("L") if img.mode != "L" else img
     return np.asarray(square_resize(gray, size), dtype=np.uint8), 8
 

@@ -418,7 +418,6 @@ class _Batcher:
             )
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.format = fmt
         self.pad_to = pad_to
         self.text_cache = text_cache
 

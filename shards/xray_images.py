@@ -95,6 +95,21 @@ def square_resize(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), RESAMPLE, box=center_square(*img.size))
 
 
+def unit_square(values: np.ndarray, size: int) -> np.ndarray:
+    """float32 (H, W) in [0, 1] -> the central square resized to size x size, uint16 (16-bit
+    sources: DICOM, 16-bit arrays)."""
+    small = square_resize(Image.fromarray(np.ascontiguousarray(values, dtype=np.float32)), size)
+    values = np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)  # bicubic overshoots
+    return np.rint(values * 65535.0).astype(np.uint16)
+
+
+def draft_gray(img: Image.Image, size: int) -> None:
+    """Lets a JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding, never below `size` on the
+    short side (a 3000 px image decodes several times faster); other formats ignore it."""
+    scale = size / min(img.size)
+    img.draft("L", (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
+
+
 def read_jpeg(path: str | Path, size: int | None = None) -> Image.Image:
     """A JPEG (or any PIL-readable) radiograph -> grayscale "L" image.
 
@@ -108,8 +123,7 @@ def read_jpeg(path: str | Path, size: int | None = None) -> Image.Image:
     try:
         with Image.open(path) as img:
             if size is not None:
-                scale = size / min(img.size)
-                img.draft("L", (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
+                draft_gray(img, size)
             img.load()
             return img.convert("L") if img.mode != "L" else img.copy()
     except UnidentifiedImageError as exc:
@@ -123,9 +137,7 @@ def load_square(path: str | Path, size: int) -> tuple[np.ndarray, int]:
     """An image file -> (size x size array, bits): uint8 from JPEG, uint16 from DICOM (.dcm)."""
     path = Path(path)
     if path.suffix.lower() == DICOM_SUFFIX:
-        small = square_resize(Image.fromarray(read_dicom(path)), size)
-        values = np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)  # bicubic overshoots
-        return np.rint(values * 65535.0).astype(np.uint16), 16
+        return unit_square(read_dicom(path), size), 16
     return np.asarray(square_resize(read_jpeg(path, size), size), dtype=np.uint8), 8
 
 

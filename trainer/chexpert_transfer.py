@@ -179,11 +179,9 @@ def transfer(size_name: str, options: Any) -> Experiment:
     )
 
 
-def run_overrides(run_dir: Path) -> list[str]:
-    """What every row takes from the pretrained run: its vision settings and its weights."""
-    from trainer.run_folder import load_run_config
-
-    cfg = load_run_config(run_dir)
+def run_overrides(run_dir: Path, cfg: Any) -> list[str]:
+    """What every row takes from the pretrained run (its config `cfg`): its vision settings and
+    its weights."""
     if cfg.model.vision.spatial_dims != 2:
         raise ValueError(
             f"{run_dir}: model.vision.spatial_dims={cfg.model.vision.spatial_dims}; a chest "
@@ -232,14 +230,15 @@ def prepare_data(size: Size, image: int, root: Path, seed: int, progress=print) 
 
 
 def _prepare(size: Size, root: Path, options: Any, progress=print) -> list[str]:
+    from trainer.run_folder import load_run_config
+
     run_dir = Path(options.run_dir).resolve()
-    shared = run_overrides(run_dir)
+    cfg = load_run_config(run_dir, options.run_set)
+    shared = run_overrides(run_dir, cfg)
     if options.shards is not None:
         shards = Path(options.shards).resolve()
-        from trainer.run_folder import load_run_config
-
         needed = ["train", "val", "test"]
-        if load_run_config(run_dir, options.run_set).model.has_itc:  # the zero-shot part
+        if cfg.model.has_itc:  # the zero-shot part
             needed.append(ZERO_SHOT_SPLIT)
         missing = [s for s in needed if not (shards / s / "manifest.json").is_file()]
         if missing:
@@ -248,9 +247,7 @@ def _prepare(size: Size, root: Path, options: Any, progress=print) -> list[str]:
                 "with make_shards.py chexpert --zero-shot-5x200 200"
             )
     else:
-        from trainer.run_folder import load_run_config
-
-        image = load_run_config(run_dir).model.vision.img_size
+        image = cfg.model.vision.img_size
         shards = prepare_data(size, image, root / f"img{image}", options.data_seed, progress)
     options.chexpert_shards = shards
     return [

@@ -107,7 +107,7 @@ class Predictor:
         if precision == "auto":
             precision = resolve_mixed_precision(precision) if self.device.type == "cuda" else "no"
         self.autocast = _AUTOCAST.get(precision)
-        self._prompts: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+        self._prompt_cache: dict[tuple[str, ...], dict[str, Tensor]] = {}
 
     @classmethod
     def from_run(
@@ -362,6 +362,16 @@ class Predictor:
         text = self.model.text
         return text.pool(text.forward_features(**tokens), tokens["attention_mask"])
 
+    def _prompt_states(self, texts: list[str]) -> dict[str, Tensor]:
+        """The text tower's ITC states of prompts, padded to the max length as the zero-shot
+        prompts of trainer.embed_eval.zero_shot_metrics are; computed once per list of texts."""
+        key = tuple(texts)
+        if key not in self._prompt_cache:
+            prompts = self.tokenize(texts, pad_to="max_length")
+            tokens = {k: v.to(self.device) for k, v in prompts.items()}
+            self._prompt_cache[key] = self.model(tokens, embed=True)["text"]
+        return self._prompt_cache[key]
+
     @torch.no_grad()
     def text_logits(self, batch: Mapping[str, Any], texts: Sequence[str]) -> Tensor:
         """The batch's images against `texts` -> (N, T) CPU logits: each image's similarity to
@@ -371,11 +381,8 @@ class Predictor:
         the max length, as the zero-shot prompts of the run's evaluation are."""
         inputs = {"image": batch["image"].to(self.device).float()}
         self.check_inputs("zero_shot", inputs)
-        tokens = {
-            k: v.to(self.device) for k, v in self.tokenize(list(texts), pad_to="max_length").items()
-        }
         with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-            states = self.model(tokens, embed=True)["text"]
+            states = self._prompt_states(list(texts))
             out = self.model(inputs, embed=True)
             sims = self.model.similarity(out["image"], states)
         return (sims.float() * float(out["logit_scale"])).cpu()
@@ -384,21 +391,13 @@ class Predictor:
         """As trainer.embed_eval.zero_shot_metrics: per label, the softmax over the image's
         similarity to the positive and the negative prompt at the learned temperature."""
         self.check_inputs("zero_shot", inputs)
-        if self._prompts is None:
-            pos, neg = default_prompts(self.label_names)
-            # padded to the max length, as trainer.embed_eval.zero_shot_metrics pads them
-            prompts = self.tokenize(pos + neg, pad_to="max_length")
-            tokens = {k: v.to(self.device) for k, v in prompts.items()}
-            states = self.model(tokens, embed=True)["text"]
-            n = len(pos)
-            self._prompts = (
-                {k: v[:n] for k, v in states.items()},
-                {k: v[n:] for k, v in states.items()},
-            )
+        pos, neg = default_prompts(self.label_names)
+        states, n = self._prompt_states(pos + neg), len(pos)
         out = self.model({"image": inputs["image"]}, embed=True)
         image, scale = out["image"], float(out["logit_scale"])
-        pos_sim = self.model.similarity(image, self._prompts[0]).float().cpu()
-        neg_sim = self.model.similarity(image, self._prompts[1]).float().cpu()
+        pos_sim = self.model.similarity(image, {k: v[:n] for k, v in states.items()})
+        neg_sim = self.model.similarity(image, {k: v[n:] for k, v in states.items()})
+        pos_sim, neg_sim = pos_sim.float().cpu(), neg_sim.float().cpu()
         return zero_shot_from_similarity(pos_sim, neg_sim, 1.0 / scale)
 
     # ---- files and texts in, tensors out -----------------------------------------------
